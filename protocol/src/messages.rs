@@ -1,0 +1,267 @@
+//! Message types: signed commands (coordinator → agent), state reports, presence and events
+//! (agent → coordinator), chunk requests and chunk frames.
+//!
+//! Commands travel in an [`Envelope`](crate::Envelope); reports are unsigned because the
+//! broker's per-node credentials and ACLs say who may publish them. Chunk frames are raw
+//! bytes, verified against the digest in the signed manifest.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Envelope, Signed};
+use crate::format;
+use crate::names::{NodeId, ReleaseId};
+use crate::{Digest, UnixSeconds, PROTOCOL_VERSION};
+
+/// A signed instruction for one node. The agent acts on it only if the signature verifies,
+/// `node` is its own id, `seq` is above every seq it has acted on (no replay, no downgrade)
+/// and `expires_at` is in the future (no freezing an old command in place).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub protocol: u32,
+    pub node: NodeId,
+    pub seq: u64,
+    pub issued_at: UnixSeconds,
+    pub expires_at: UnixSeconds,
+    pub action: Action,
+}
+
+impl Signed for Command {
+    const PAYLOAD_TYPE: &'static str = "application/vnd.fleet.command.v1+json";
+    // A command embeds a manifest envelope: base64 of up to MAX_MANIFEST_BYTES, plus room.
+    const MAX_PAYLOAD_BYTES: usize = format::MAX_MANIFEST_BYTES / 3 * 4 + 64 * 1024;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    /// Stage this release and switch to it.
+    Deploy {
+        /// The signed manifest, verified on its own by the agent.
+        manifest: Envelope,
+        /// HTTP(S) base URLs serving chunks at `{base}/chunks/{digest}`, tried in order
+        /// before MQTT.
+        #[serde(default)]
+        http_sources: Vec<String>,
+    },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Deploy { .. } => "deploy",
+        }
+    }
+}
+
+/// Retained on the node's presence topic; the broker publishes `online: false` as the
+/// node's last will when its connection drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub online: bool,
+}
+
+/// A version installed on the node and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotReport {
+    pub release: ReleaseId,
+    pub manifest_digest: Digest,
+    pub slot_dir: String,
+}
+
+/// An update under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagingProgress {
+    pub release: ReleaseId,
+    pub chunks_total: u64,
+    pub chunks_have: u64,
+    pub bytes_total: u64,
+    pub bytes_have: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Switched,
+    Failed { reason: String },
+}
+
+/// What the last update cost and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    pub release: ReleaseId,
+    /// Compressed bytes received over MQTT that were used.
+    pub bytes_fetched_mqtt: u64,
+    /// Compressed bytes received over HTTP that were used.
+    pub bytes_fetched_http: u64,
+    /// Uncompressed bytes taken from data already on the node.
+    pub bytes_reused: u64,
+    pub chunks_fetched: u64,
+    /// Chunks received that failed verification and were discarded.
+    pub chunks_rejected: u64,
+    pub staging_ms: u64,
+    pub switch_ms: u64,
+    pub outcome: Outcome,
+    pub finished_at: UnixSeconds,
+}
+
+/// The node's whole state, retained on its state topic and rewritten on every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub protocol: u32,
+    pub node: NodeId,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub current: Option<SlotReport>,
+    pub previous: Option<SlotReport>,
+    pub staged: Option<SlotReport>,
+    pub staging: Option<StagingProgress>,
+    pub last_update: Option<UpdateReport>,
+    /// The highest command seq this node has accepted.
+    pub last_seq: u64,
+    pub reported_at: UnixSeconds,
+}
+
+/// Something that happened on a node and that an operator may want to know about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub protocol: u32,
+    pub node: NodeId,
+    pub at: UnixSeconds,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A message was refused; the node keeps doing what it did.
+    Rejected { what: String, reason: String },
+    StagingStarted { release: ReleaseId },
+    ChunkRejected { release: ReleaseId, digest: Digest, reason: String },
+    Switched { release: ReleaseId, from: Option<ReleaseId> },
+    UpdateFailed { release: ReleaseId, reason: String },
+}
+
+impl Event {
+    pub fn new(node: NodeId, at: UnixSeconds, kind: EventKind) -> Event {
+        Event {
+            protocol: PROTOCOL_VERSION,
+            node,
+            at,
+            kind,
+        }
+    }
+}
+
+/// An agent asks for the chunks it is missing; the answer arrives as [`ChunkFrame`]s on the
+/// release's shared chunk topic, so one publish serves every node that needs the chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub protocol: u32,
+    pub release: ReleaseId,
+    pub digests: Vec<Digest>,
+}
+
+impl ChunkRequest {
+    /// Most digests in one request; keeps the request itself small.
+    pub const MAX_DIGESTS: usize = 256;
+}
+
+/// One compressed chunk on the wire: a version byte, the 32-byte digest, the zstd frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkFrame<'a> {
+    pub digest: Digest,
+    pub compressed: &'a [u8],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkFrameError {
+    #[error("chunk frame too short ({0} bytes)")]
+    Short(usize),
+    #[error("chunk frame version {0} is not 1")]
+    Version(u8),
+    #[error("chunk frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+impl<'a> ChunkFrame<'a> {
+    const VERSION: u8 = 1;
+    const HEADER: usize = 1 + Digest::LEN;
+
+    pub fn encode(digest: &Digest, compressed: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEADER + compressed.len());
+        out.push(Self::VERSION);
+        out.extend_from_slice(digest.as_bytes());
+        out.extend_from_slice(compressed);
+        out
+    }
+
+    pub fn decode(bytes: &'a [u8]) -> Result<ChunkFrame<'a>, ChunkFrameError> {
+        if bytes.len() <= Self::HEADER {
+            return Err(ChunkFrameError::Short(bytes.len()));
+        }
+        if bytes.len() > Self::HEADER + format::MAX_COMPRESSED_CHUNK_SIZE {
+            return Err(ChunkFrameError::TooLarge(bytes.len()));
+        }
+        if bytes[0] != Self::VERSION {
+            return Err(ChunkFrameError::Version(bytes[0]));
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&bytes[1..Self::HEADER]);
+        Ok(ChunkFrame {
+            digest: Digest::from_bytes(digest),
+            compressed: &bytes[Self::HEADER..],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::{AppName, Version};
+
+    #[test]
+    fn chunk_frames_round_trip_and_refuse_garbage() {
+        let d = Digest::of(b"abc");
+        let bytes = ChunkFrame::encode(&d, b"zstd-bytes");
+        let frame = ChunkFrame::decode(&bytes).unwrap();
+        assert_eq!(frame.digest, d);
+        assert_eq!(frame.compressed, b"zstd-bytes");
+        assert!(ChunkFrame::decode(&bytes[..20]).is_err());
+        let mut wrong = bytes.clone();
+        wrong[0] = 9;
+        assert_eq!(ChunkFrame::decode(&wrong), Err(ChunkFrameError::Version(9)));
+    }
+
+    /// The wire format is a contract: a change here must be deliberate.
+    #[test]
+    fn wire_format_of_reports_is_stable() {
+        let release = ReleaseId::new(AppName::new("web").unwrap(), Version::new("2").unwrap());
+        let event = Event::new(
+            NodeId::new("n1").unwrap(),
+            5,
+            EventKind::UpdateFailed {
+                release: release.clone(),
+                reason: "disk".into(),
+            },
+        );
+        assert_eq!(
+            serde_json::to_string(&event).unwrap(),
+            r#"{"protocol":1,"node":"n1","at":5,"event":"update_failed","release":{"app":"web","version":"2"},"reason":"disk"}"#
+        );
+        let request = ChunkRequest {
+            protocol: 1,
+            release,
+            digests: vec![Digest::from_bytes([0xab; 32])],
+        };
+        assert_eq!(
+            serde_json::to_string(&request).unwrap(),
+            format!(
+                r#"{{"protocol":1,"release":{{"app":"web","version":"2"}},"digests":["{}"]}}"#,
+                "ab".repeat(32)
+            )
+        );
+    }
+}

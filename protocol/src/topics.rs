@@ -1,0 +1,125 @@
+//! Every MQTT topic string, under a configurable fleet prefix. Nothing else in the workspace
+//! formats or parses a topic.
+//!
+//! ```text
+//! {prefix}/nodes/{node}/command      coordinator → agent  signed Command, retained (latest wins)
+//! {prefix}/nodes/{node}/state        agent → coordinator  NodeState, retained
+//! {prefix}/nodes/{node}/presence     agent → coordinator  Presence, retained; last will = offline
+//! {prefix}/nodes/{node}/events       agent → coordinator  Event
+//! {prefix}/nodes/{node}/chunk-req    agent → coordinator  ChunkRequest
+//! {prefix}/releases/{app}/{version}/chunks  coordinator → agents  ChunkFrame (shared by all)
+//! ```
+
+use crate::names::{NodeId, ReleaseId};
+
+pub const DEFAULT_PREFIX: &str = "fleet";
+
+/// Per-node topics, as parsed back from a topic string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeTopic {
+    Command,
+    State,
+    Presence,
+    Events,
+    ChunkRequests,
+}
+
+impl NodeTopic {
+    const ALL: [NodeTopic; 5] = [
+        NodeTopic::Command,
+        NodeTopic::State,
+        NodeTopic::Presence,
+        NodeTopic::Events,
+        NodeTopic::ChunkRequests,
+    ];
+
+    fn leaf(self) -> &'static str {
+        match self {
+            NodeTopic::Command => "command",
+            NodeTopic::State => "state",
+            NodeTopic::Presence => "presence",
+            NodeTopic::Events => "events",
+            NodeTopic::ChunkRequests => "chunk-req",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid topic prefix {0:?}: use one or more '/'-separated levels without '+', '#' or empty levels")]
+pub struct PrefixError(String);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Result<Topics, PrefixError> {
+        let ok = !prefix.is_empty()
+            && prefix
+                .split('/')
+                .all(|level| !level.is_empty() && !level.contains(['+', '#', '\0']));
+        if ok {
+            Ok(Topics {
+                prefix: prefix.to_owned(),
+            })
+        } else {
+            Err(PrefixError(prefix.to_owned()))
+        }
+    }
+
+    pub fn node(&self, node: &NodeId, which: NodeTopic) -> String {
+        format!("{}/nodes/{}/{}", self.prefix, node, which.leaf())
+    }
+
+    /// The filter matching `which` for every node.
+    pub fn all_nodes(&self, which: NodeTopic) -> String {
+        format!("{}/nodes/+/{}", self.prefix, which.leaf())
+    }
+
+    pub fn chunks(&self, release: &ReleaseId) -> String {
+        format!("{}/releases/{}/{}/chunks", self.prefix, release.app, release.version)
+    }
+
+    /// Splits a per-node topic into its node and kind; `None` for anything else, including
+    /// node levels that are not valid node ids.
+    pub fn parse_node_topic(&self, topic: &str) -> Option<(NodeId, NodeTopic)> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/nodes/")?;
+        let (node, leaf) = rest.split_once('/')?;
+        let which = NodeTopic::ALL.into_iter().find(|t| t.leaf() == leaf)?;
+        Some((NodeId::new(node).ok()?, which))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_topics_round_trip() {
+        let topics = Topics::new("acme/prod").unwrap();
+        let node = NodeId::new("edge-7").unwrap();
+        for which in NodeTopic::ALL {
+            let topic = topics.node(&node, which);
+            assert_eq!(topics.parse_node_topic(&topic), Some((node.clone(), which)));
+        }
+        assert_eq!(topics.parse_node_topic("acme/prod/nodes/edge-7/other"), None);
+        assert_eq!(topics.parse_node_topic("other/nodes/edge-7/state"), None);
+        assert_eq!(topics.all_nodes(NodeTopic::State), "acme/prod/nodes/+/state");
+    }
+
+    #[test]
+    fn prefixes_with_wildcards_are_refused() {
+        for bad in ["", "a/+", "#", "a//b", "/a"] {
+            assert!(Topics::new(bad).is_err(), "{bad:?}");
+        }
+    }
+}
