@@ -1,0 +1,516 @@
+//! The agent's run loop: one `select!` over broker events, staging-task notes, the staging
+//! task's completion and shutdown. It owns the node state and is the only writer of the
+//! journal, the slots and the reports.
+//!
+//! Save points, in order (each flushed before the step it guards is acted on):
+//! 1. a verified deploy is accepted: seq consumed, manifest stored, target = Staging;
+//! 2. the slot is assembled and renamed into place: target = Switching;
+//! 3. the active pointer names the new slot: current/previous rotated, target cleared.
+//!
+//! Then old slots are collected. A crash between any two points is resumed by
+//! [`Daemon::recover`]: Staging restarts the fetch from the verified chunks on disk,
+//! Switching re-points (idempotent) and completes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use images::assemble::LocalChunks;
+use images::store::ChunkStore;
+use protocol::messages::{
+    self, Event, EventKind, Outcome, SlotReport, StagingProgress, UpdateReport,
+};
+use protocol::{Manifest, NodeId, NodeTopic, Topics, TrustedKeys, UnixSeconds};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::fetch::{self, FetchLink, FetchNote, StageJob, StageReport};
+use crate::journal::{write_atomic, Journal};
+use crate::link::{self, LinkEvent};
+use crate::node::{self, DeployPlan, Installed, NodeState, Phase, Refusal};
+use crate::slots::Slots;
+
+/// Validated settings for `agent run`.
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub node: NodeId,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub trust: TrustedKeys,
+    pub labels: BTreeMap<String, String>,
+    pub topics: Topics,
+    pub max_fetch_rate: Option<u64>,
+}
+
+pub fn now() -> UnixSeconds {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A staging task under way and how to reach it.
+struct Staging {
+    target: Installed,
+    chunk_topic: String,
+    frames: mpsc::Sender<bytes::Bytes>,
+    task: JoinHandle<Result<StageReport, fetch::StageError>>,
+    progress: Option<StagingProgress>,
+    rejected: u64,
+}
+
+pub struct Daemon {
+    config: Config,
+    journal: Journal,
+    slots: Slots,
+    store: Arc<ChunkStore>,
+    state: NodeState,
+    client: AsyncClient,
+    staging: Option<Staging>,
+    notes_tx: mpsc::Sender<FetchNote>,
+}
+
+/// Everything the run loop reacts to.
+enum Wake {
+    Link(LinkEvent),
+    Note(FetchNote),
+    Staged(Result<Result<StageReport, fetch::StageError>, tokio::task::JoinError>),
+    Shutdown,
+}
+
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let journal = Journal::open(&config.data_dir)?;
+    let state = journal.load()?;
+    let slots = Slots::open(&config.data_dir)
+        .with_context(|| format!("cannot create slots under {}", config.data_dir.display()))?;
+    let store = Arc::new(
+        ChunkStore::open(&config.data_dir.join("fetch"))
+            .with_context(|| format!("cannot open the fetch store under {}", config.data_dir.display()))?,
+    );
+    let options = link::options(&config.node, &config.broker_host, config.broker_port, &config.topics);
+    let (client, eventloop) = link::connect(options);
+    let (link_tx, mut link_rx) = mpsc::channel(64);
+    let link_task = tokio::spawn(link::drive(eventloop, link_tx));
+    let (notes_tx, mut notes_rx) = mpsc::channel(64);
+
+    let mut daemon = Daemon {
+        config,
+        journal,
+        slots,
+        store,
+        state,
+        client,
+        staging: None,
+        notes_tx,
+    };
+    daemon.recover()?;
+    tracing::info!(node = %daemon.config.node, current = ?daemon.state.current.as_ref().map(|c| c.release.to_string()), "agent started");
+
+    tokio::pin!(shutdown);
+    loop {
+        let wake = tokio::select! {
+            // Broker traffic: (re)connections, commands and chunk frames.
+            Some(event) = link_rx.recv() => Wake::Link(event),
+            // Progress and rejected chunks from the staging task.
+            Some(note) = notes_rx.recv() => Wake::Note(note),
+            // The staging task finished (or failed, or panicked).
+            result = async { (&mut daemon.staging.as_mut().expect("guarded").task).await }, if daemon.staging.is_some() => Wake::Staged(result),
+            // SIGTERM / ctrl-c: nothing is mid-flip here, since flips complete within one branch.
+            () = &mut shutdown => Wake::Shutdown,
+        };
+        match wake {
+            Wake::Link(LinkEvent::Connected) => daemon.on_connected(),
+            Wake::Link(LinkEvent::Message { topic, payload }) => daemon.on_message(&topic, payload)?,
+            Wake::Note(note) => daemon.on_note(note),
+            Wake::Staged(result) => daemon.on_staged(result)?,
+            Wake::Shutdown => break,
+        }
+    }
+    tracing::info!("shutting down");
+    if let Some(staging) = daemon.staging.take() {
+        staging.task.abort();
+    }
+    let presence = serde_json::to_vec(&messages::Presence { online: false }).expect("serializes");
+    let presence_topic = daemon.config.topics.node(&daemon.config.node, NodeTopic::Presence);
+    let _ = daemon.client.publish(presence_topic, QoS::AtLeastOnce, true, presence).await;
+    let _ = daemon.client.disconnect().await;
+    // Give the event loop a moment to send the goodbye; it is best effort (the will covers it).
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), link_task).await;
+    Ok(())
+}
+
+impl Daemon {
+    /// Brings the node to a consistent state after a start or a crash; see the module doc.
+    fn recover(&mut self) -> anyhow::Result<()> {
+        if let Some(target) = self.state.target.clone() {
+            match target.phase {
+                Phase::Switching => {
+                    tracing::info!(release = %target.installed.release, "completing an interrupted switch");
+                    self.switch(Instant::now(), StageReport::default())?;
+                }
+                Phase::Staging => {
+                    tracing::info!(release = %target.installed.release, "resuming an interrupted staging");
+                    self.start_staging(target.installed)?;
+                }
+            }
+        }
+        // The pointer is the truth of what serves; make it agree with the journal.
+        if let Some(current) = &self.state.current {
+            if self.slots.active().as_deref() != Some(current.slot.as_str()) {
+                tracing::warn!(slot = %current.slot, "active pointer disagreed with the journal; re-pointing");
+                self.slots.activate(&current.slot)?;
+            }
+        }
+        self.collect_garbage();
+        self.report();
+        Ok(())
+    }
+
+    fn on_connected(&mut self) {
+        let me = &self.config.node;
+        let command_topic = self.config.topics.node(me, NodeTopic::Command);
+        // The session may not have survived (a broker restart): subscribe every time.
+        let _ = self.client.try_subscribe(command_topic, QoS::AtLeastOnce);
+        if let Some(staging) = &self.staging {
+            let _ = self.client.try_subscribe(&staging.chunk_topic, QoS::AtMostOnce);
+        }
+        let presence = serde_json::to_vec(&messages::Presence { online: true }).expect("serializes");
+        let _ = self
+            .client
+            .try_publish(self.config.topics.node(me, NodeTopic::Presence), QoS::AtLeastOnce, true, presence);
+        self.report();
+    }
+
+    fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> anyhow::Result<()> {
+        if let Some(staging) = &self.staging {
+            if topic == staging.chunk_topic {
+                // A full queue drops the frame; the fetcher asks again for what did not come.
+                let _ = staging.frames.try_send(payload);
+                return Ok(());
+            }
+        }
+        match self.config.topics.parse_node_topic(topic) {
+            Some((node, NodeTopic::Command)) if node == self.config.node => self.on_command(&payload),
+            _ => {
+                tracing::debug!(topic, "ignoring a message on an unexpected topic");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        let now = now();
+        let command = match node::open_command(payload, &self.config.trust, &self.config.node, self.state.last_seq, now) {
+            Ok(command) => command,
+            // The broker hands back the retained command we already acted on at every
+            // reconnect: that is not an attack, so say nothing.
+            Err(Refusal::Replay { seq, last_seq }) if seq == last_seq => return Ok(()),
+            Err(refusal) => {
+                self.reject("command", &refusal);
+                return Ok(());
+            }
+        };
+        let envelope = node::deploy_manifest(&command);
+        let (manifest, digest) = match node::open_manifest(envelope, &self.config.trust) {
+            Ok(opened) => opened,
+            Err(refusal) => {
+                self.reject("manifest", &refusal);
+                return Ok(());
+            }
+        };
+        let release = manifest.release_id();
+        tracing::info!(seq = command.seq, %release, action = command.action.name(), "command accepted");
+        self.journal.put_manifest(&digest, envelope)?;
+        // Save point 1.
+        let plan = self.state.accept_deploy(command.seq, release, digest, now);
+        self.journal.save(&self.state)?;
+        match plan {
+            DeployPlan::AlreadyCurrent => {
+                self.cancel_staging();
+                self.report();
+            }
+            DeployPlan::Stage(target) => {
+                self.cancel_staging();
+                self.start_staging(target.installed)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reject(&self, what: &str, refusal: &Refusal) {
+        tracing::warn!(what, reason = %refusal, "refused a message; keeping the current version");
+        self.event(EventKind::Rejected {
+            what: what.to_owned(),
+            reason: refusal.to_string(),
+        });
+    }
+
+    fn cancel_staging(&mut self) {
+        if let Some(staging) = self.staging.take() {
+            tracing::info!(release = %staging.target.release, "staging superseded");
+            staging.task.abort();
+            let _ = self.client.try_unsubscribe(&staging.chunk_topic);
+        }
+    }
+
+    fn manifest_of(&self, installed: &Installed) -> anyhow::Result<Manifest> {
+        let envelope = self
+            .journal
+            .manifest(&installed.manifest_digest)?
+            .with_context(|| format!("the journal lost the manifest of {}", installed.release))?;
+        let (manifest, _) = node::open_manifest(&envelope, &self.config.trust)
+            .map_err(|e| anyhow::anyhow!("stored manifest of {} no longer verifies: {e}", installed.release))?;
+        Ok(manifest)
+    }
+
+    /// Starts fetching and assembling `target`'s slot, reusing chunks from the installed slots.
+    fn start_staging(&mut self, target: Installed) -> anyhow::Result<()> {
+        let manifest = Arc::new(self.manifest_of(&target)?);
+        let slot_dir = self.slots.dir(&target.slot);
+        // A crash after the slot was renamed into place but before save point 2.
+        if slot_dir.exists() {
+            match images::assemble::verify_slot(&manifest, &slot_dir) {
+                Ok(()) => {
+                    self.state.staged();
+                    self.journal.save(&self.state)?;
+                    return self.switch(Instant::now(), StageReport::default());
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %target.slot, error = %e, "found an unverifiable slot; staging it again");
+                    self.slots.collect_garbage(self.state.live_slots().filter(|s| *s != target.slot))?;
+                }
+            }
+        }
+        let mut installed = Vec::new();
+        for slot in [&self.state.current, &self.state.previous].into_iter().flatten() {
+            match self.manifest_of(slot) {
+                Ok(m) => installed.push((self.slots.dir(&slot.slot), m)),
+                Err(e) => tracing::warn!(slot = %slot.slot, error = %e, "not reusing chunks from this slot"),
+            }
+        }
+        let refs: Vec<(PathBuf, &Manifest)> = installed.iter().map(|(p, m)| (p.clone(), m)).collect();
+        let local = Arc::new(LocalChunks::index(&refs));
+
+        let chunk_topic = self.config.topics.chunks(&target.release);
+        let _ = self.client.try_subscribe(&chunk_topic, QoS::AtMostOnce);
+        let (frames_tx, frames_rx) = mpsc::channel(64);
+        let job = StageJob {
+            release: target.release.clone(),
+            manifest,
+            slot_dir,
+            store: self.store.clone(),
+            local,
+            max_rate: self.config.max_fetch_rate,
+        };
+        let link = FetchLink {
+            client: self.client.clone(),
+            request_topic: self.config.topics.node(&self.config.node, NodeTopic::ChunkRequests),
+            frames: frames_rx,
+            notes: self.notes_tx.clone(),
+        };
+        tracing::info!(release = %target.release, slot = %target.slot, "staging");
+        self.event(EventKind::StagingStarted {
+            release: target.release.clone(),
+        });
+        self.staging = Some(Staging {
+            target,
+            chunk_topic,
+            frames: frames_tx,
+            task: tokio::spawn(fetch::stage(job, link)),
+            progress: None,
+            rejected: 0,
+        });
+        self.report();
+        Ok(())
+    }
+
+    fn on_note(&mut self, note: FetchNote) {
+        let Some(staging) = &mut self.staging else {
+            return;
+        };
+        match note {
+            FetchNote::Progress(progress) => {
+                if progress.release == staging.target.release {
+                    staging.progress = Some(progress);
+                    self.report();
+                }
+            }
+            FetchNote::Rejected { digest, reason } => {
+                staging.rejected += 1;
+                let release = staging.target.release.clone();
+                self.event(EventKind::ChunkRejected { release, digest, reason });
+            }
+        }
+    }
+
+    fn on_staged(
+        &mut self,
+        result: Result<Result<StageReport, fetch::StageError>, tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let Some(staging) = self.staging.take() else {
+            return Ok(());
+        };
+        let _ = self.client.try_unsubscribe(&staging.chunk_topic);
+        match result {
+            Ok(Ok(report)) => {
+                tracing::info!(
+                    release = %staging.target.release,
+                    fetched = report.bytes_fetched_mqtt,
+                    reused = report.bytes_reused,
+                    ms = report.elapsed.as_millis() as u64,
+                    "staged"
+                );
+                // Save point 2.
+                self.state.staged();
+                self.journal.save(&self.state)?;
+                self.switch(Instant::now(), report)
+            }
+            Ok(Err(error)) => {
+                let reason = error.to_string();
+                self.fail(&staging.target, reason, staging.rejected)
+            }
+            Err(join) if join.is_cancelled() => Ok(()),
+            Err(join) => self.fail(&staging.target, format!("staging task crashed: {join}"), staging.rejected),
+        }
+    }
+
+    fn fail(&mut self, target: &Installed, reason: String, rejected: u64) -> anyhow::Result<()> {
+        tracing::error!(release = %target.release, %reason, "update failed; keeping the current version");
+        let report = UpdateReport {
+            release: target.release.clone(),
+            bytes_fetched_mqtt: 0,
+            bytes_fetched_http: 0,
+            bytes_reused: 0,
+            chunks_fetched: 0,
+            chunks_rejected: rejected,
+            staging_ms: 0,
+            switch_ms: 0,
+            outcome: Outcome::Failed { reason: reason.clone() },
+            finished_at: now(),
+        };
+        self.state.failed(report);
+        self.journal.save(&self.state)?;
+        self.event(EventKind::UpdateFailed {
+            release: target.release.clone(),
+            reason,
+        });
+        self.collect_garbage();
+        self.report();
+        Ok(())
+    }
+
+    /// Moves the active pointer to the staged target and completes the deploy (save point 3).
+    fn switch(&mut self, started: Instant, staged: StageReport) -> anyhow::Result<()> {
+        let Some(target) = self.state.target.clone() else {
+            return Ok(());
+        };
+        debug_assert_eq!(target.phase, Phase::Switching);
+        self.slots
+            .activate(&target.installed.slot)
+            .with_context(|| format!("cannot point current at slot {}", target.installed.slot))?;
+        let from = self.state.current.as_ref().map(|c| c.release.clone());
+        let report = UpdateReport {
+            release: target.installed.release.clone(),
+            bytes_fetched_mqtt: staged.bytes_fetched_mqtt,
+            bytes_fetched_http: 0,
+            bytes_reused: staged.bytes_reused,
+            chunks_fetched: staged.chunks_fetched,
+            chunks_rejected: staged.chunks_rejected,
+            staging_ms: staged.elapsed.as_millis() as u64,
+            switch_ms: started.elapsed().as_millis() as u64,
+            outcome: Outcome::Switched,
+            finished_at: now(),
+        };
+        self.state.switched(report);
+        self.journal.save(&self.state)?;
+        tracing::info!(release = %target.installed.release, from = ?from.as_ref().map(|r| r.to_string()), "switched");
+        self.event(EventKind::Switched {
+            release: target.installed.release,
+            from,
+        });
+        self.collect_garbage();
+        self.report();
+        Ok(())
+    }
+
+    /// Removes slots, fetched chunks and manifests nothing refers to any more.
+    fn collect_garbage(&mut self) {
+        match self.slots.collect_garbage(self.state.live_slots()) {
+            Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old slots"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not remove old slots"),
+        }
+        let live: Vec<_> = [&self.state.current, &self.state.previous]
+            .into_iter()
+            .flatten()
+            .chain(self.state.target.as_ref().map(|t| &t.installed))
+            .map(|i| i.manifest_digest)
+            .collect();
+        if let Err(e) = self.journal.retain_manifests(&live) {
+            tracing::warn!(error = %e, "could not prune stored manifests");
+        }
+        // Fetched chunks are only needed until their slot is assembled.
+        if self.state.target.is_none() {
+            let cleared = self
+                .store
+                .digests()
+                .and_then(|all| all.iter().try_for_each(|d| self.store.remove(d)));
+            if let Err(e) = cleared {
+                tracing::warn!(error = %e, "could not clear the fetch store");
+            }
+        }
+    }
+
+    fn slot_report(&self, installed: &Installed) -> SlotReport {
+        SlotReport {
+            release: installed.release.clone(),
+            manifest_digest: installed.manifest_digest,
+            slot_dir: self.slots.dir(&installed.slot).display().to_string(),
+        }
+    }
+
+    /// The node's state as reported: retained on the broker and snapshotted for `agent status`.
+    fn wire_state(&self) -> messages::NodeState {
+        let staged = self
+            .state
+            .target
+            .as_ref()
+            .filter(|t| t.phase == Phase::Switching)
+            .map(|t| self.slot_report(&t.installed));
+        messages::NodeState {
+            protocol: protocol::PROTOCOL_VERSION,
+            node: self.config.node.clone(),
+            labels: self.config.labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            current: self.state.current.as_ref().map(|i| self.slot_report(i)),
+            previous: self.state.previous.as_ref().map(|i| self.slot_report(i)),
+            staged,
+            staging: self.staging.as_ref().and_then(|s| s.progress.clone()),
+            last_update: self.state.last_update.clone(),
+            last_seq: self.state.last_seq,
+            reported_at: now(),
+        }
+    }
+
+    fn report(&self) {
+        let state = serde_json::to_vec_pretty(&self.wire_state()).expect("state serializes");
+        if let Err(e) = write_atomic(&self.config.data_dir.join("status.json"), &state) {
+            tracing::warn!(error = %e, "could not write status.json");
+        }
+        let topic = self.config.topics.node(&self.config.node, NodeTopic::State);
+        // Retained and rewritten on every change: a full queue only loses an intermediate state.
+        let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, state);
+    }
+
+    fn event(&self, kind: EventKind) {
+        let event = Event::new(self.config.node.clone(), now(), kind);
+        let topic = self.config.topics.node(&self.config.node, NodeTopic::Events);
+        let payload = serde_json::to_vec(&event).expect("events serialize");
+        if self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+            tracing::debug!("event not queued (offline)");
+        }
+    }
+}

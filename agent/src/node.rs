@@ -1,0 +1,321 @@
+//! The node's deploy state and its transitions. Methods here only change the value: they do
+//! no I/O and read no clock (`now` is a parameter), so the whole state machine is tested
+//! without a broker, a disk or a timer.
+//!
+//! A deploy moves through two journaled phases:
+//!
+//! ```text
+//!   accept_deploy ──► Staging ──staged()──► Switching ──switched()──► (current = target)
+//! ```
+//!
+//! The caller persists the state after every transition and before acting on it (see
+//! `journal`), which is what makes each phase safe to resume after a crash: `Staging` is
+//! resumed from the chunks already verified on disk, `Switching` re-points the active symlink
+//! (an idempotent rename) and completes.
+
+use protocol::messages::{Action, Command, Outcome, UpdateReport};
+use protocol::{Digest, Envelope, Manifest, NodeId, ReleaseId, TrustedKeys, UnixSeconds};
+use serde::{Deserialize, Serialize};
+
+/// A release installed in a slot directory under `slots/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub release: ReleaseId,
+    pub manifest_digest: Digest,
+    /// The slot's directory name under the agent's `slots/` directory.
+    pub slot: String,
+}
+
+impl Installed {
+    pub fn new(release: ReleaseId, manifest_digest: Digest) -> Installed {
+        let slot = format!("{}-{}-{}", release.app, release.version, manifest_digest.short());
+        Installed {
+            release,
+            manifest_digest,
+            slot,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Fetching and assembling the slot; nothing visible has changed yet.
+    Staging,
+    /// The slot is complete and durable; the active pointer is being moved to it.
+    Switching,
+}
+
+/// The deploy in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub seq: u64,
+    pub installed: Installed,
+    pub phase: Phase,
+    pub started_at: UnixSeconds,
+}
+
+/// Everything the agent must remember across restarts. The journal stores exactly this.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Highest command seq acted on; anything at or below it is a replay.
+    pub last_seq: u64,
+    pub current: Option<Installed>,
+    pub previous: Option<Installed>,
+    pub target: Option<Target>,
+    pub last_update: Option<UpdateReport>,
+}
+
+/// Why a message was refused. Shown to operators in the node's events.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Envelope(#[from] protocol::EnvelopeError),
+    #[error("command is for node {for_node}, not this node")]
+    WrongNode { for_node: NodeId },
+    #[error("command speaks protocol {0}, this agent speaks {1}; upgrade the agent")]
+    Protocol(u32, u32),
+    #[error("command expired at {expires_at} (now {now}); the coordinator must re-issue it")]
+    Expired { expires_at: UnixSeconds, now: UnixSeconds },
+    #[error("command seq {seq} is not above the last accepted seq {last_seq}: replayed or out of date")]
+    Replay { seq: u64, last_seq: u64 },
+    #[error("manifest refused: {0}")]
+    Manifest(String),
+}
+
+/// What the agent should do about an accepted deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployPlan {
+    /// Already running it: nothing to do.
+    AlreadyCurrent,
+    /// Stage (fetch + assemble), then switch.
+    Stage(Target),
+}
+
+/// Verifies a command's envelope and checks that it is for this node, fresh and in date.
+/// Pure: the seq is only consumed when the caller acts on the command.
+pub fn open_command(
+    bytes: &[u8],
+    trust: &TrustedKeys,
+    me: &NodeId,
+    last_seq: u64,
+    now: UnixSeconds,
+) -> Result<Command, Refusal> {
+    let command: Command = Envelope::open_bytes(bytes, trust)?;
+    if command.protocol > protocol::PROTOCOL_VERSION {
+        return Err(Refusal::Protocol(command.protocol, protocol::PROTOCOL_VERSION));
+    }
+    if &command.node != me {
+        return Err(Refusal::WrongNode {
+            for_node: command.node,
+        });
+    }
+    if command.expires_at <= now {
+        return Err(Refusal::Expired {
+            expires_at: command.expires_at,
+            now,
+        });
+    }
+    if command.seq <= last_seq {
+        return Err(Refusal::Replay {
+            seq: command.seq,
+            last_seq,
+        });
+    }
+    Ok(command)
+}
+
+/// Opens and validates the manifest a deploy carries. Returns it with the digest that names
+/// it (BLAKE3 of the envelope's exact payload, so re-signing does not change it).
+pub fn open_manifest(envelope: &Envelope, trust: &TrustedKeys) -> Result<(Manifest, Digest), Refusal> {
+    let manifest: Manifest = envelope.open(trust)?;
+    manifest.validate().map_err(|e| Refusal::Manifest(e.to_string()))?;
+    Ok((manifest, Digest::of(envelope.payload.as_bytes())))
+}
+
+/// The manifest envelope of a deploy action.
+pub fn deploy_manifest(command: &Command) -> &Envelope {
+    match &command.action {
+        Action::Deploy { manifest, .. } => manifest,
+    }
+}
+
+impl NodeState {
+    /// Accepts a verified deploy: consumes its seq and, unless the release is already
+    /// current, makes it the target (replacing any unfinished target).
+    pub fn accept_deploy(
+        &mut self,
+        seq: u64,
+        release: ReleaseId,
+        manifest_digest: Digest,
+        now: UnixSeconds,
+    ) -> DeployPlan {
+        debug_assert!(seq > self.last_seq, "open_command checks the seq");
+        self.last_seq = seq;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.manifest_digest == manifest_digest)
+        {
+            self.target = None;
+            return DeployPlan::AlreadyCurrent;
+        }
+        let target = Target {
+            seq,
+            installed: Installed::new(release, manifest_digest),
+            phase: Phase::Staging,
+            started_at: now,
+        };
+        self.target = Some(target.clone());
+        DeployPlan::Stage(target)
+    }
+
+    /// The target's slot is complete and durable.
+    pub fn staged(&mut self) {
+        if let Some(t) = &mut self.target {
+            t.phase = Phase::Switching;
+        }
+    }
+
+    /// The active pointer now names the target: it becomes current, current becomes previous.
+    pub fn switched(&mut self, report: UpdateReport) {
+        if let Some(t) = self.target.take() {
+            let old = self.current.replace(t.installed);
+            if old.as_ref() != self.current.as_ref() {
+                self.previous = old;
+            }
+        }
+        self.last_update = Some(report);
+    }
+
+    /// Staging failed for good (e.g. the image does not fit): drop the target and record why.
+    pub fn failed(&mut self, report: UpdateReport) {
+        debug_assert!(matches!(report.outcome, Outcome::Failed { .. }));
+        self.target = None;
+        self.last_update = Some(report);
+    }
+
+    /// Slot directories that must be kept: current, previous and the target.
+    pub fn live_slots(&self) -> impl Iterator<Item = &str> {
+        [
+            self.current.as_ref(),
+            self.previous.as_ref(),
+            self.target.as_ref().map(|t| &t.installed),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|i| i.slot.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use protocol::{AppName, Version};
+
+    fn release(v: &str) -> ReleaseId {
+        ReleaseId::new(AppName::new("web").unwrap(), Version::new(v).unwrap())
+    }
+
+    fn report(v: &str) -> UpdateReport {
+        UpdateReport {
+            release: release(v),
+            bytes_fetched_mqtt: 0,
+            bytes_fetched_http: 0,
+            bytes_reused: 0,
+            chunks_fetched: 0,
+            chunks_rejected: 0,
+            staging_ms: 0,
+            switch_ms: 0,
+            outcome: Outcome::Switched,
+            finished_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_deploy_rotates_current_into_previous() {
+        let mut s = NodeState::default();
+        for (seq, v) in [(1, "1"), (2, "2"), (3, "3")] {
+            let DeployPlan::Stage(t) = s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0) else {
+                panic!("v{v} should be staged");
+            };
+            assert_eq!(t.phase, Phase::Staging);
+            s.staged();
+            assert_eq!(s.target.as_ref().unwrap().phase, Phase::Switching);
+            s.switched(report(v));
+        }
+        assert_eq!(s.current.as_ref().unwrap().release, release("3"));
+        assert_eq!(s.previous.as_ref().unwrap().release, release("2"));
+        assert_eq!(s.last_seq, 3);
+        assert!(s.target.is_none());
+    }
+
+    #[test]
+    fn deploying_the_current_release_again_changes_nothing_but_the_seq() {
+        let mut s = NodeState::default();
+        s.accept_deploy(1, release("1"), Digest::of(b"1"), 0);
+        s.staged();
+        s.switched(report("1"));
+        assert_eq!(
+            s.accept_deploy(2, release("1"), Digest::of(b"1"), 0),
+            DeployPlan::AlreadyCurrent
+        );
+        assert_eq!(s.last_seq, 2);
+        assert!(s.previous.is_none());
+    }
+
+    #[test]
+    fn live_slots_cover_current_previous_and_target() {
+        let mut s = NodeState::default();
+        for (seq, v) in [(1, "1"), (2, "2")] {
+            s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0);
+            s.staged();
+            s.switched(report(v));
+        }
+        s.accept_deploy(3, release("3"), Digest::of(b"3"), 0);
+        let live: Vec<&str> = s.live_slots().collect();
+        assert_eq!(live.len(), 3);
+        assert!(live.iter().all(|slot| slot.starts_with("web-")));
+    }
+
+    fn command(key: &SigningKey, node: &str, seq: u64, expires_at: u64) -> Vec<u8> {
+        let manifest = Envelope::sign_bytes(<Manifest as protocol::Signed>::PAYLOAD_TYPE, b"{}", key);
+        let cmd = Command {
+            protocol: 1,
+            node: NodeId::new(node).unwrap(),
+            seq,
+            issued_at: 0,
+            expires_at,
+            action: Action::Deploy {
+                manifest,
+                http_sources: vec![],
+            },
+        };
+        Envelope::seal(&cmd, key).to_bytes()
+    }
+
+    #[test]
+    fn commands_must_be_signed_addressed_fresh_and_in_date() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let trust = TrustedKeys::new([key.verifying_key()]);
+        let me = NodeId::new("n1").unwrap();
+        assert!(open_command(&command(&key, "n1", 5, 100), &trust, &me, 4, 50).is_ok());
+        assert!(matches!(
+            open_command(&command(&key, "n2", 5, 100), &trust, &me, 4, 50),
+            Err(Refusal::WrongNode { .. })
+        ));
+        assert!(matches!(
+            open_command(&command(&key, "n1", 4, 100), &trust, &me, 4, 50),
+            Err(Refusal::Replay { .. })
+        ));
+        assert!(matches!(
+            open_command(&command(&key, "n1", 5, 50), &trust, &me, 4, 50),
+            Err(Refusal::Expired { .. })
+        ));
+        let stranger = SigningKey::from_bytes(&[8; 32]);
+        assert!(matches!(
+            open_command(&command(&stranger, "n1", 5, 100), &trust, &me, 4, 50),
+            Err(Refusal::Envelope(protocol::EnvelopeError::UnknownKey { .. }))
+        ));
+    }
+}
