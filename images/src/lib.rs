@@ -1,1 +1,27 @@
+//! Release images: the on-disk side of the image format pinned in [`protocol::format`].
+//!
+//! - [`chunk`]: compressing chunks and the single path by which chunk bytes are verified.
+//! - [`store`]: a directory of compressed chunks named by digest, written atomically.
+//! - [`build`]: a source tree in, a validated [`protocol::Manifest`] and stored chunks out.
+//! - [`assemble`]: a manifest plus chunk sources in, a complete slot directory out (or none).
+//!
+//! **Architecture invariant**: this crate is synchronous and does no networking. Bytes from
+//! elsewhere reach a slot or the store only through [`chunk::decompress_verified`] or
+//! [`chunk::verify_plain`].
 
+pub mod assemble;
+pub mod build;
+pub mod chunk;
+pub mod store;
+
+pub use assemble::{
+    assemble, missing_chunks, verify_slot, AssembleError, AssembleStats, ChunkSource, LocalChunks,
+};
+pub use build::{build_image, BuildError};
+pub use chunk::ChunkError;
+pub use store::{ChunkStore, StoreError};
+
+/// Fsyncs a directory, making the names created, renamed or removed in it durable.
+pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

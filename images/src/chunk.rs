@@ -1,0 +1,275 @@
+//! Chunk bytes: compression, and the one verification path for chunk bytes from anywhere.
+//!
+//! Invariant: bytes that leave [`decompress_verified`] or pass [`verify_plain`] are exactly
+//! the uncompressed chunk the [`ChunkRef`] names (its size and BLAKE3 digest), whoever sent
+//! them. Decoding is bounded before the digest is known: the compressed input, the zstd
+//! window and the decoded output all have hard limits, so a hostile frame costs at most
+//! one chunk's worth of memory.
+
+use std::io::Read;
+
+use protocol::format;
+use protocol::{ChunkRef, Digest};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkError {
+    #[error("chunk {digest}: {what} size {size} is over the limit of {limit} bytes")]
+    TooLarge {
+        digest: Digest,
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    #[error("chunk {digest}: not a valid zstd frame within the format's limits")]
+    Corrupt {
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk {digest}: decodes to {got} bytes, expected {expected}")]
+    WrongSize {
+        digest: Digest,
+        expected: u32,
+        got: u64,
+    },
+    #[error("chunk {digest}: decodes to more than the expected {expected} bytes")]
+    Oversized { digest: Digest, expected: u32 },
+    #[error("chunk bytes hash to {got}, expected {expected}")]
+    DigestMismatch { expected: Digest, got: Digest },
+}
+
+/// Compresses one chunk into a single zstd frame at [`format::ZSTD_LEVEL`], with the content
+/// size in the frame header (zstd's one-shot API always writes it).
+pub fn compress(data: &[u8]) -> Vec<u8> {
+    // The input is already in memory, the level is a valid constant and the output buffer is
+    // sized by `compress_bound`, so zstd has no way left to fail short of running out of
+    // memory, which aborts anyway.
+    zstd::bulk::compress(data, format::ZSTD_LEVEL).expect("in-memory zstd compression cannot fail")
+}
+
+/// Decodes `compressed` and returns the chunk `expected` names, or an error saying why not.
+///
+/// Any compressed size up to [`format::MAX_COMPRESSED_CHUNK_SIZE`] is accepted, whatever
+/// `expected.zsize` says: a mirror may have recompressed, and only the decoded bytes matter.
+pub fn decompress_verified(expected: &ChunkRef, compressed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let digest = expected.digest;
+    check_claimed_size(expected)?;
+    if compressed.len() > format::MAX_COMPRESSED_CHUNK_SIZE {
+        return Err(ChunkError::TooLarge {
+            digest,
+            what: "compressed",
+            size: compressed.len() as u64,
+            limit: format::MAX_COMPRESSED_CHUNK_SIZE as u64,
+        });
+    }
+    let corrupt = |source| ChunkError::Corrupt { digest, source };
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(corrupt)?;
+    // A frame that asks for a bigger window than any chunk needs is refused before zstd
+    // allocates it.
+    decoder
+        .window_log_max(format::ZSTD_WINDOW_LOG_MAX)
+        .map_err(corrupt)?;
+    // Read one byte past the expected size, never more: that is enough to tell "too long"
+    // without letting a decompression bomb expand in memory.
+    let limit = u64::from(expected.size) + 1;
+    let mut out = Vec::with_capacity(expected.size as usize + 1);
+    decoder.take(limit).read_to_end(&mut out).map_err(corrupt)?;
+    if out.len() as u64 == limit {
+        return Err(ChunkError::Oversized {
+            digest,
+            expected: expected.size,
+        });
+    }
+    verify_plain(expected, &out)?;
+    Ok(out)
+}
+
+/// Checks already-uncompressed bytes (e.g. read back from an installed file) against `expected`.
+pub fn verify_plain(expected: &ChunkRef, data: &[u8]) -> Result<(), ChunkError> {
+    check_claimed_size(expected)?;
+    if data.len() as u64 != u64::from(expected.size) {
+        return Err(ChunkError::WrongSize {
+            digest: expected.digest,
+            expected: expected.size,
+            got: data.len() as u64,
+        });
+    }
+    let got = Digest::of(data);
+    if got != expected.digest {
+        return Err(ChunkError::DigestMismatch {
+            expected: expected.digest,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// The claimed size sizes a buffer, so it is bounded even if the caller skipped
+/// `Manifest::validate`.
+fn check_claimed_size(expected: &ChunkRef) -> Result<(), ChunkError> {
+    if expected.size as usize > format::MAX_CHUNK_SIZE {
+        return Err(ChunkError::TooLarge {
+            digest: expected.digest,
+            what: "uncompressed",
+            size: u64::from(expected.size),
+            limit: format::MAX_CHUNK_SIZE as u64,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn chunk_ref(data: &[u8], compressed: &[u8]) -> ChunkRef {
+        ChunkRef {
+            digest: Digest::of(data),
+            size: data.len() as u32,
+            zsize: compressed.len() as u32,
+        }
+    }
+
+    /// 100 MiB of zeros as one zstd frame, streamed so the test itself stays small.
+    fn zero_bomb(window_log: u32) -> Vec<u8> {
+        let zeros = io::repeat(0).take(100 << 20);
+        let mut encoder = zstd::stream::read::Encoder::new(zeros, 1).unwrap();
+        encoder.window_log(window_log).unwrap();
+        let mut out = Vec::new();
+        encoder.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn compressed_frames_carry_their_content_size() {
+        let data = vec![7u8; 1000];
+        let frame = compress(&data);
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&frame).ok(),
+            Some(Some(1000))
+        );
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_one_byte_past_the_claimed_size() {
+        let bomb = zero_bomb(17);
+        assert!(
+            bomb.len() <= format::MAX_COMPRESSED_CHUNK_SIZE,
+            "bomb is {} bytes",
+            bomb.len()
+        );
+        let claim = ChunkRef {
+            digest: Digest::of(&[0u8; 1024]),
+            size: 1024,
+            zsize: bomb.len() as u32,
+        };
+        let started = std::time::Instant::now();
+        let err = decompress_verified(&claim, &bomb).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Oversized { expected: 1024, .. }),
+            "{err}"
+        );
+        // Decoding all 100 MiB would take far longer than decoding the first KiB.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused() {
+        let bomb = zero_bomb(27);
+        let claim = ChunkRef {
+            digest: Digest::of(&[0u8; 1024]),
+            size: 1024,
+            zsize: bomb.len() as u32,
+        };
+        let err = decompress_verified(&claim, &bomb).unwrap_err();
+        assert!(matches!(err, ChunkError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn oversized_input_and_claims_are_refused_before_decoding() {
+        let big = vec![0u8; format::MAX_COMPRESSED_CHUNK_SIZE + 1];
+        let claim = ChunkRef {
+            digest: Digest::of(b""),
+            size: 1,
+            zsize: 1,
+        };
+        assert!(matches!(
+            decompress_verified(&claim, &big),
+            Err(ChunkError::TooLarge {
+                what: "compressed",
+                ..
+            })
+        ));
+        let huge_claim = ChunkRef {
+            size: u32::MAX,
+            ..claim
+        };
+        assert!(matches!(
+            decompress_verified(&huge_claim, &compress(b"x")),
+            Err(ChunkError::TooLarge {
+                what: "uncompressed",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn wrong_bytes_are_refused_whatever_the_frame_says() {
+        let good = b"the bytes the manifest names".to_vec();
+        let claim = chunk_ref(&good, &compress(&good));
+        let same_len_other = b"the bytes an attacker chose!".to_vec();
+        assert_eq!(good.len(), same_len_other.len());
+        assert!(matches!(
+            decompress_verified(&claim, &compress(&same_len_other)),
+            Err(ChunkError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            decompress_verified(&claim, &compress(&good[..5])),
+            Err(ChunkError::WrongSize { got: 5, .. })
+        ));
+        assert!(matches!(
+            decompress_verified(&claim, b"not zstd at all"),
+            Err(ChunkError::Corrupt { .. })
+        ));
+        let mut trailing = compress(&good);
+        trailing.extend_from_slice(b"garbage");
+        assert!(matches!(
+            decompress_verified(&claim, &trailing),
+            Err(ChunkError::Corrupt { .. })
+        ));
+        assert!(verify_plain(&claim, &good).is_ok());
+        assert!(verify_plain(&claim, &same_len_other).is_err());
+    }
+
+    #[test]
+    fn a_recompressed_chunk_is_accepted_whatever_its_zsize() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let claim = chunk_ref(&data, &compress(&data));
+        // Another level plus a frame checksum: the same bytes, a different frame.
+        let mut other = zstd::bulk::Compressor::new(19).unwrap();
+        other.include_checksum(true).unwrap();
+        let recompressed = other.compress(&data).unwrap();
+        assert_ne!(recompressed.len() as u32, claim.zsize);
+        assert_eq!(decompress_verified(&claim, &recompressed).unwrap(), data);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn compress_then_decompress_verified_round_trips(
+            data in prop::collection::vec(any::<u8>(), 0..=format::MAX_CHUNK_SIZE)
+        ) {
+            let compressed = compress(&data);
+            prop_assert!(compressed.len() <= format::MAX_COMPRESSED_CHUNK_SIZE);
+            let claim = chunk_ref(&data, &compressed);
+            prop_assert_eq!(decompress_verified(&claim, &compressed).unwrap(), data);
+        }
+    }
+}
