@@ -12,7 +12,11 @@ use protocol::{NodeId, Topics, TrustedKeys};
 use crate::daemon::Config;
 
 #[derive(Parser)]
-#[command(name = "agent", version, about = "Deploy agent for an edge node: stages, verifies and switches signed releases.")]
+#[command(
+    name = "agent",
+    version,
+    about = "Deploy agent for an edge node: stages, verifies and switches signed releases."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -77,7 +81,12 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
     if host.is_empty() {
         bail!("broker {url:?} names no host");
     }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_owned(), port))
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
 }
 
 impl RunArgs {
@@ -93,7 +102,11 @@ impl RunArgs {
             let Some((key, value)) = label.split_once('=') else {
                 bail!("label {label:?} is not KEY=VALUE");
             };
-            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
                 bail!("label key {key:?} must be letters, digits, '.', '_' or '-'");
             }
             labels.insert(key.to_owned(), value.to_owned());
@@ -120,10 +133,14 @@ impl RunArgs {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let path = args.data.join("status.json");
     let bytes = std::fs::read(&path).with_context(|| {
-        format!("no status at {}: has `agent run --data {}` ever started?", path.display(), args.data.display())
+        format!(
+            "no status at {}: has `agent run --data {}` ever started?",
+            path.display(),
+            args.data.display()
+        )
     })?;
-    let state: NodeState =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid status", path.display()))?;
+    let state: NodeState = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a valid status", path.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(());
@@ -162,8 +179,14 @@ mod tests {
 
     #[test]
     fn broker_urls_parse_or_explain() {
-        assert_eq!(parse_broker("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884));
-        assert_eq!(parse_broker("mqtt://broker").unwrap(), ("broker".into(), 1883));
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            parse_broker("mqtt://broker").unwrap(),
+            ("broker".into(), 1883)
+        );
         assert!(parse_broker("http://x:1").is_err());
         assert!(parse_broker("mqtt://:1").is_err());
         assert!(parse_broker("mqtt://x:notaport").is_err());

@@ -81,16 +81,28 @@ enum Wake {
     Shutdown,
 }
 
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let journal = Journal::open(&config.data_dir)?;
     let state = journal.load()?;
     let slots = Slots::open(&config.data_dir)
         .with_context(|| format!("cannot create slots under {}", config.data_dir.display()))?;
     let store = Arc::new(
-        ChunkStore::open(&config.data_dir.join("fetch"))
-            .with_context(|| format!("cannot open the fetch store under {}", config.data_dir.display()))?,
+        ChunkStore::open(config.data_dir.join("fetch")).with_context(|| {
+            format!(
+                "cannot open the fetch store under {}",
+                config.data_dir.display()
+            )
+        })?,
     );
-    let options = link::options(&config.node, &config.broker_host, config.broker_port, &config.topics);
+    let options = link::options(
+        &config.node,
+        &config.broker_host,
+        config.broker_port,
+        &config.topics,
+    );
     let (client, eventloop) = link::connect(options);
     let (link_tx, mut link_rx) = mpsc::channel(64);
     let link_task = tokio::spawn(link::drive(eventloop, link_tx));
@@ -123,7 +135,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         };
         match wake {
             Wake::Link(LinkEvent::Connected) => daemon.on_connected(),
-            Wake::Link(LinkEvent::Message { topic, payload }) => daemon.on_message(&topic, payload)?,
+            Wake::Link(LinkEvent::Message { topic, payload }) => {
+                daemon.on_message(&topic, payload)?
+            }
             Wake::Note(note) => daemon.on_note(note),
             Wake::Staged(result) => daemon.on_staged(result)?,
             Wake::Shutdown => break,
@@ -134,8 +148,14 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         staging.task.abort();
     }
     let presence = serde_json::to_vec(&messages::Presence { online: false }).expect("serializes");
-    let presence_topic = daemon.config.topics.node(&daemon.config.node, NodeTopic::Presence);
-    let _ = daemon.client.publish(presence_topic, QoS::AtLeastOnce, true, presence).await;
+    let presence_topic = daemon
+        .config
+        .topics
+        .node(&daemon.config.node, NodeTopic::Presence);
+    let _ = daemon
+        .client
+        .publish(presence_topic, QoS::AtLeastOnce, true, presence)
+        .await;
     let _ = daemon.client.disconnect().await;
     // Give the event loop a moment to send the goodbye; it is best effort (the will covers it).
     let _ = tokio::time::timeout(std::time::Duration::from_millis(500), link_task).await;
@@ -175,12 +195,18 @@ impl Daemon {
         // The session may not have survived (a broker restart): subscribe every time.
         let _ = self.client.try_subscribe(command_topic, QoS::AtLeastOnce);
         if let Some(staging) = &self.staging {
-            let _ = self.client.try_subscribe(&staging.chunk_topic, QoS::AtMostOnce);
+            let _ = self
+                .client
+                .try_subscribe(&staging.chunk_topic, QoS::AtMostOnce);
         }
-        let presence = serde_json::to_vec(&messages::Presence { online: true }).expect("serializes");
-        let _ = self
-            .client
-            .try_publish(self.config.topics.node(me, NodeTopic::Presence), QoS::AtLeastOnce, true, presence);
+        let presence =
+            serde_json::to_vec(&messages::Presence { online: true }).expect("serializes");
+        let _ = self.client.try_publish(
+            self.config.topics.node(me, NodeTopic::Presence),
+            QoS::AtLeastOnce,
+            true,
+            presence,
+        );
         self.report();
     }
 
@@ -193,7 +219,9 @@ impl Daemon {
             }
         }
         match self.config.topics.parse_node_topic(topic) {
-            Some((node, NodeTopic::Command)) if node == self.config.node => self.on_command(&payload),
+            Some((node, NodeTopic::Command)) if node == self.config.node => {
+                self.on_command(&payload)
+            }
             _ => {
                 tracing::debug!(topic, "ignoring a message on an unexpected topic");
                 Ok(())
@@ -203,7 +231,13 @@ impl Daemon {
 
     fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
         let now = now();
-        let command = match node::open_command(payload, &self.config.trust, &self.config.node, self.state.last_seq, now) {
+        let command = match node::open_command(
+            payload,
+            &self.config.trust,
+            &self.config.node,
+            self.state.last_seq,
+            now,
+        ) {
             Ok(command) => command,
             // The broker hands back the retained command we already acted on at every
             // reconnect: that is not an attack, so say nothing.
@@ -261,8 +295,12 @@ impl Daemon {
             .journal
             .manifest(&installed.manifest_digest)?
             .with_context(|| format!("the journal lost the manifest of {}", installed.release))?;
-        let (manifest, _) = node::open_manifest(&envelope, &self.config.trust)
-            .map_err(|e| anyhow::anyhow!("stored manifest of {} no longer verifies: {e}", installed.release))?;
+        let (manifest, _) = node::open_manifest(&envelope, &self.config.trust).map_err(|e| {
+            anyhow::anyhow!(
+                "stored manifest of {} no longer verifies: {e}",
+                installed.release
+            )
+        })?;
         Ok(manifest)
     }
 
@@ -280,18 +318,25 @@ impl Daemon {
                 }
                 Err(e) => {
                     tracing::warn!(slot = %target.slot, error = %e, "found an unverifiable slot; staging it again");
-                    self.slots.collect_garbage(self.state.live_slots().filter(|s| *s != target.slot))?;
+                    self.slots
+                        .collect_garbage(self.state.live_slots().filter(|s| *s != target.slot))?;
                 }
             }
         }
         let mut installed = Vec::new();
-        for slot in [&self.state.current, &self.state.previous].into_iter().flatten() {
+        for slot in [&self.state.current, &self.state.previous]
+            .into_iter()
+            .flatten()
+        {
             match self.manifest_of(slot) {
                 Ok(m) => installed.push((self.slots.dir(&slot.slot), m)),
-                Err(e) => tracing::warn!(slot = %slot.slot, error = %e, "not reusing chunks from this slot"),
+                Err(e) => {
+                    tracing::warn!(slot = %slot.slot, error = %e, "not reusing chunks from this slot")
+                }
             }
         }
-        let refs: Vec<(PathBuf, &Manifest)> = installed.iter().map(|(p, m)| (p.clone(), m)).collect();
+        let refs: Vec<(PathBuf, &Manifest)> =
+            installed.iter().map(|(p, m)| (p.clone(), m)).collect();
         let local = Arc::new(LocalChunks::index(&refs));
 
         let chunk_topic = self.config.topics.chunks(&target.release);
@@ -307,7 +352,10 @@ impl Daemon {
         };
         let link = FetchLink {
             client: self.client.clone(),
-            request_topic: self.config.topics.node(&self.config.node, NodeTopic::ChunkRequests),
+            request_topic: self
+                .config
+                .topics
+                .node(&self.config.node, NodeTopic::ChunkRequests),
             frames: frames_rx,
             notes: self.notes_tx.clone(),
         };
@@ -341,7 +389,11 @@ impl Daemon {
             FetchNote::Rejected { digest, reason } => {
                 staging.rejected += 1;
                 let release = staging.target.release.clone();
-                self.event(EventKind::ChunkRejected { release, digest, reason });
+                self.event(EventKind::ChunkRejected {
+                    release,
+                    digest,
+                    reason,
+                });
             }
         }
     }
@@ -373,7 +425,11 @@ impl Daemon {
                 self.fail(&staging.target, reason, staging.rejected)
             }
             Err(join) if join.is_cancelled() => Ok(()),
-            Err(join) => self.fail(&staging.target, format!("staging task crashed: {join}"), staging.rejected),
+            Err(join) => self.fail(
+                &staging.target,
+                format!("staging task crashed: {join}"),
+                staging.rejected,
+            ),
         }
     }
 
@@ -388,7 +444,9 @@ impl Daemon {
             chunks_rejected: rejected,
             staging_ms: 0,
             switch_ms: 0,
-            outcome: Outcome::Failed { reason: reason.clone() },
+            outcome: Outcome::Failed {
+                reason: reason.clone(),
+            },
             finished_at: now(),
         };
         self.state.failed(report);
@@ -502,14 +560,23 @@ impl Daemon {
         }
         let topic = self.config.topics.node(&self.config.node, NodeTopic::State);
         // Retained and rewritten on every change: a full queue only loses an intermediate state.
-        let _ = self.client.try_publish(topic, QoS::AtLeastOnce, true, state);
+        let _ = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, state);
     }
 
     fn event(&self, kind: EventKind) {
         let event = Event::new(self.config.node.clone(), now(), kind);
-        let topic = self.config.topics.node(&self.config.node, NodeTopic::Events);
+        let topic = self
+            .config
+            .topics
+            .node(&self.config.node, NodeTopic::Events);
         let payload = serde_json::to_vec(&event).expect("events serialize");
-        if self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .is_err()
+        {
             tracing::debug!("event not queued (offline)");
         }
     }

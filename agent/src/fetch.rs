@@ -101,7 +101,8 @@ impl Wanted {
                 continue;
             };
             let size = u64::from(chunk.zsize);
-            let fits = self.in_flight_bytes + size <= budget || self.in_flight.is_empty() && batch.is_empty();
+            let fits = self.in_flight_bytes + size <= budget
+                || self.in_flight.is_empty() && batch.is_empty();
             if !fits || batch.len() == ChunkRequest::MAX_DIGESTS {
                 break;
             }
@@ -138,15 +139,22 @@ pub async fn stage(job: StageJob, mut link: FetchLink) -> Result<StageReport, St
     let started = Instant::now();
     let mut report = StageReport::default();
     let (store, local) = (job.store.clone(), job.local.clone());
-    let missing = assemble::missing_chunks(&job.manifest, |d| store.contains(d) || local.contains(d));
+    let missing =
+        assemble::missing_chunks(&job.manifest, |d| store.contains(d) || local.contains(d));
     let chunks_total = job.manifest.chunks().count() as u64;
     let bytes_total = job.manifest.total_size();
     let missing_bytes: u64 = missing.iter().map(|c| u64::from(c.size)).sum();
-    let mut have = (chunks_total - missing.len() as u64, bytes_total.saturating_sub(missing_bytes));
+    let mut have = (
+        chunks_total - missing.len() as u64,
+        bytes_total.saturating_sub(missing_bytes),
+    );
     let mut wanted = Wanted::new(missing);
     let window = match job.max_rate {
         // A window of half a second of the allowed rate keeps bursts small.
-        Some(rate) => (rate / 2).clamp(protocol::format::MAX_COMPRESSED_CHUNK_SIZE as u64, WINDOW_BYTES),
+        Some(rate) => (rate / 2).clamp(
+            protocol::format::MAX_COMPRESSED_CHUNK_SIZE as u64,
+            WINDOW_BYTES,
+        ),
         None => WINDOW_BYTES,
     };
     let progress = |have: (u64, u64)| StagingProgress {
@@ -247,7 +255,12 @@ pub async fn stage(job: StageJob, mut link: FetchLink) -> Result<StageReport, St
     }
     let _ = link.notes.try_send(FetchNote::Progress(progress(have)));
 
-    let (manifest, slot_dir, store, local) = (job.manifest.clone(), job.slot_dir.clone(), job.store.clone(), job.local.clone());
+    let (manifest, slot_dir, store, local) = (
+        job.manifest.clone(),
+        job.slot_dir.clone(),
+        job.store.clone(),
+        job.local.clone(),
+    );
     let stats = tokio::task::spawn_blocking(move || {
         let sources: [&dyn ChunkSource; 2] = [&*store, &*local];
         assemble::assemble(&manifest, &slot_dir, &sources)

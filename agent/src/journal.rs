@@ -21,7 +21,9 @@ const STATE_KEY: &[u8] = b"state";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("cannot open the journal at {path}: {source} (is another agent running with this --data?)")]
+    #[error(
+        "cannot open the journal at {path}: {source} (is another agent running with this --data?)"
+    )]
     Open { path: PathBuf, source: sled::Error },
     #[error("journal write failed: {0}")]
     Write(#[from] sled::Error),
@@ -48,15 +50,18 @@ impl Journal {
                 source,
             })?;
         let manifests = db.open_tree("manifests")?;
-        Ok(Journal { db, manifests, path })
+        Ok(Journal {
+            db,
+            manifests,
+            path,
+        })
     }
 
     pub fn load(&self) -> Result<NodeState, JournalError> {
         match self.db.get(STATE_KEY)? {
             None => Ok(NodeState::default()),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt(e, self.path.clone()))
-            }
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| JournalError::Corrupt(e, self.path.clone())),
         }
     }
 
@@ -70,7 +75,8 @@ impl Journal {
 
     /// Stores a manifest envelope (already verified by the caller); flushed with the next save.
     pub fn put_manifest(&self, digest: &Digest, envelope: &Envelope) -> Result<(), JournalError> {
-        self.manifests.insert(digest.as_bytes(), envelope.to_bytes())?;
+        self.manifests
+            .insert(digest.as_bytes(), envelope.to_bytes())?;
         Ok(())
     }
 

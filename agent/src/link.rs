@@ -24,7 +24,10 @@ const REQUEST_QUEUE: usize = 256;
 pub enum LinkEvent {
     /// (Re)connected: subscriptions and retained reports must be (re)sent.
     Connected,
-    Message { topic: String, payload: Bytes },
+    Message {
+        topic: String,
+        payload: Bytes,
+    },
 }
 
 pub fn options(node: &NodeId, host: &str, port: u16, topics: &Topics) -> MqttOptions {
@@ -33,7 +36,10 @@ pub fn options(node: &NodeId, host: &str, port: u16, topics: &Topics) -> MqttOpt
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
         // rumqttc's default limit (10 KiB) is far below a manifest or a chunk.
-        .set_max_packet_size(protocol::format::MAX_MQTT_PACKET, protocol::format::MAX_MQTT_PACKET)
+        .set_max_packet_size(
+            protocol::format::MAX_MQTT_PACKET,
+            protocol::format::MAX_MQTT_PACKET,
+        )
         .set_request_channel_capacity(REQUEST_QUEUE)
         .set_last_will(LastWill::new(
             topics.node(node, NodeTopic::Presence),

@@ -28,7 +28,12 @@ pub struct Installed {
 
 impl Installed {
     pub fn new(release: ReleaseId, manifest_digest: Digest) -> Installed {
-        let slot = format!("{}-{}-{}", release.app, release.version, manifest_digest.short());
+        let slot = format!(
+            "{}-{}-{}",
+            release.app,
+            release.version,
+            manifest_digest.short()
+        );
         Installed {
             release,
             manifest_digest,
@@ -75,8 +80,13 @@ pub enum Refusal {
     #[error("command speaks protocol {0}, this agent speaks {1}; upgrade the agent")]
     Protocol(u32, u32),
     #[error("command expired at {expires_at} (now {now}); the coordinator must re-issue it")]
-    Expired { expires_at: UnixSeconds, now: UnixSeconds },
-    #[error("command seq {seq} is not above the last accepted seq {last_seq}: replayed or out of date")]
+    Expired {
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+    },
+    #[error(
+        "command seq {seq} is not above the last accepted seq {last_seq}: replayed or out of date"
+    )]
     Replay { seq: u64, last_seq: u64 },
     #[error("manifest refused: {0}")]
     Manifest(String),
@@ -102,7 +112,10 @@ pub fn open_command(
 ) -> Result<Command, Refusal> {
     let command: Command = Envelope::open_bytes(bytes, trust)?;
     if command.protocol > protocol::PROTOCOL_VERSION {
-        return Err(Refusal::Protocol(command.protocol, protocol::PROTOCOL_VERSION));
+        return Err(Refusal::Protocol(
+            command.protocol,
+            protocol::PROTOCOL_VERSION,
+        ));
     }
     if &command.node != me {
         return Err(Refusal::WrongNode {
@@ -126,9 +139,14 @@ pub fn open_command(
 
 /// Opens and validates the manifest a deploy carries. Returns it with the digest that names
 /// it (BLAKE3 of the envelope's exact payload, so re-signing does not change it).
-pub fn open_manifest(envelope: &Envelope, trust: &TrustedKeys) -> Result<(Manifest, Digest), Refusal> {
+pub fn open_manifest(
+    envelope: &Envelope,
+    trust: &TrustedKeys,
+) -> Result<(Manifest, Digest), Refusal> {
     let manifest: Manifest = envelope.open(trust)?;
-    manifest.validate().map_err(|e| Refusal::Manifest(e.to_string()))?;
+    manifest
+        .validate()
+        .map_err(|e| Refusal::Manifest(e.to_string()))?;
     Ok((manifest, Digest::of(envelope.payload.as_bytes())))
 }
 
@@ -236,7 +254,9 @@ mod tests {
     fn a_deploy_rotates_current_into_previous() {
         let mut s = NodeState::default();
         for (seq, v) in [(1, "1"), (2, "2"), (3, "3")] {
-            let DeployPlan::Stage(t) = s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0) else {
+            let DeployPlan::Stage(t) =
+                s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0)
+            else {
                 panic!("v{v} should be staged");
             };
             assert_eq!(t.phase, Phase::Staging);
@@ -279,7 +299,8 @@ mod tests {
     }
 
     fn command(key: &SigningKey, node: &str, seq: u64, expires_at: u64) -> Vec<u8> {
-        let manifest = Envelope::sign_bytes(<Manifest as protocol::Signed>::PAYLOAD_TYPE, b"{}", key);
+        let manifest =
+            Envelope::sign_bytes(<Manifest as protocol::Signed>::PAYLOAD_TYPE, b"{}", key);
         let cmd = Command {
             protocol: 1,
             node: NodeId::new(node).unwrap(),
@@ -315,7 +336,9 @@ mod tests {
         let stranger = SigningKey::from_bytes(&[8; 32]);
         assert!(matches!(
             open_command(&command(&stranger, "n1", 5, 100), &trust, &me, 4, 50),
-            Err(Refusal::Envelope(protocol::EnvelopeError::UnknownKey { .. }))
+            Err(Refusal::Envelope(
+                protocol::EnvelopeError::UnknownKey { .. }
+            ))
         ));
     }
 }

@@ -56,7 +56,10 @@ impl Slots {
 
     /// Removes every slot directory (and leftover partial directory) not named in `keep`.
     /// Returns the names removed.
-    pub fn collect_garbage<'a>(&self, keep: impl IntoIterator<Item = &'a str>) -> io::Result<Vec<String>> {
+    pub fn collect_garbage<'a>(
+        &self,
+        keep: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<Vec<String>> {
         let keep: Vec<&str> = keep.into_iter().collect();
         let mut removed = Vec::new();
         for entry in fs::read_dir(self.data_dir.join("slots"))? {

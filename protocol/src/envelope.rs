@@ -73,7 +73,15 @@ pub enum EnvelopeError {
 /// DSSE's pre-authentication encoding.
 fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + payload_type.len() + 32);
-    out.extend_from_slice(format!("DSSEv1 {} {} {} ", payload_type.len(), payload_type, payload.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "DSSEv1 {} {} {} ",
+            payload_type.len(),
+            payload_type,
+            payload.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(payload);
     out
 }
@@ -211,7 +219,10 @@ impl TrustedKeys {
         let file: TrustFile =
             serde_json::from_slice(bytes).map_err(|e| TrustFileError(e.to_string()))?;
         if file.version != 1 {
-            return Err(TrustFileError(format!("unsupported version {}", file.version)));
+            return Err(TrustFileError(format!(
+                "unsupported version {}",
+                file.version
+            )));
         }
         let mut keys = Vec::new();
         for k in file.keys {
@@ -221,7 +232,10 @@ impl TrustedKeys {
             let key = VerifyingKey::from_bytes(&raw)
                 .map_err(|_| TrustFileError(format!("key {} is not an ed25519 point", k.keyid)))?;
             if KeyId::of(&key) != k.keyid {
-                return Err(TrustFileError(format!("key id {} does not match its key", k.keyid)));
+                return Err(TrustFileError(format!(
+                    "key id {} does not match its key",
+                    k.keyid
+                )));
             }
             keys.push((k.keyid, key));
         }
@@ -272,7 +286,10 @@ mod tests {
         let trust1 = TrustedKeys::new([k1.verifying_key()]);
         let trust2 = TrustedKeys::new([k2.verifying_key()]);
         assert_eq!(env.open::<Hello>(&trust1).unwrap(), Hello { n: 7 });
-        assert!(matches!(env.open::<Hello>(&trust2), Err(EnvelopeError::UnknownKey { .. })));
+        assert!(matches!(
+            env.open::<Hello>(&trust2),
+            Err(EnvelopeError::UnknownKey { .. })
+        ));
     }
 
     #[test]
@@ -281,10 +298,16 @@ mod tests {
         let trust = TrustedKeys::new([k.verifying_key()]);
         let mut env = Envelope::seal(&Hello { n: 7 }, &k);
         env.payload = BASE64.encode(br#"{"n":8}"#);
-        assert!(matches!(env.open::<Hello>(&trust), Err(EnvelopeError::BadSignature { .. })));
+        assert!(matches!(
+            env.open::<Hello>(&trust),
+            Err(EnvelopeError::BadSignature { .. })
+        ));
         let mut env = Envelope::seal(&Hello { n: 7 }, &k);
         env.payload_type = "application/x-other".into();
-        assert!(matches!(env.open::<Hello>(&trust), Err(EnvelopeError::WrongPayloadType { .. })));
+        assert!(matches!(
+            env.open::<Hello>(&trust),
+            Err(EnvelopeError::WrongPayloadType { .. })
+        ));
     }
 
     #[test]
@@ -292,7 +315,10 @@ mod tests {
         let k = key();
         let trust = TrustedKeys::new([k.verifying_key()]);
         let env = Envelope::sign_bytes(Hello::PAYLOAD_TYPE, &[b' '; 200], &k);
-        assert!(matches!(env.open::<Hello>(&trust), Err(EnvelopeError::TooLarge { .. })));
+        assert!(matches!(
+            env.open::<Hello>(&trust),
+            Err(EnvelopeError::TooLarge { .. })
+        ));
         assert!(matches!(
             Envelope::open_bytes::<Hello>(b"{not json", &trust),
             Err(EnvelopeError::Malformed(_))

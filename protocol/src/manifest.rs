@@ -143,7 +143,9 @@ pub enum Entry {
 impl Entry {
     pub fn path(&self) -> &RelPath {
         match self {
-            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => path,
+            Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => {
+                path
+            }
         }
     }
 }
@@ -227,7 +229,11 @@ impl Manifest {
                     let mut sum: u64 = 0;
                     for c in chunks {
                         if c.size == 0 || c.size as usize > format::MAX_CHUNK_SIZE {
-                            return Err(bad(format!("chunk {} has size {}", c.digest.short(), c.size)));
+                            return Err(bad(format!(
+                                "chunk {} has size {}",
+                                c.digest.short(),
+                                c.size
+                            )));
                         }
                         if c.zsize == 0 || c.zsize as usize > format::MAX_COMPRESSED_CHUNK_SIZE {
                             return Err(bad(format!(
@@ -267,7 +273,11 @@ impl Manifest {
 /// (the slot root itself included). Absolute targets never do. Because every other entry is a
 /// plain path and every symlink is checked the same way, no chain of links can leave the slot.
 pub fn symlink_stays_inside(link: &RelPath, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') || target.contains('\0') || target.len() > format::MAX_PATH_BYTES {
+    if target.is_empty()
+        || target.starts_with('/')
+        || target.contains('\0')
+        || target.len() > format::MAX_PATH_BYTES
+    {
         return false;
     }
     let mut depth: usize = link.as_str().matches('/').count();
@@ -305,7 +315,16 @@ mod tests {
 
     #[test]
     fn paths_that_leave_the_slot_are_refused() {
-        for bad in ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "", "a\\b"] {
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/.",
+            "",
+            "a\\b",
+        ] {
             assert!(RelPath::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(serde_json::from_str::<RelPath>("\"../../etc\"").is_err());
@@ -359,6 +378,9 @@ mod tests {
         ));
         let mut m = manifest(vec![]);
         m.format = 99;
-        assert!(matches!(m.validate(), Err(ManifestError::UnsupportedFormat { found: 99 })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::UnsupportedFormat { found: 99 })
+        ));
     }
 }

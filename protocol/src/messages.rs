@@ -137,11 +137,26 @@ pub struct Event {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     /// A message was refused; the node keeps doing what it did.
-    Rejected { what: String, reason: String },
-    StagingStarted { release: ReleaseId },
-    ChunkRejected { release: ReleaseId, digest: Digest, reason: String },
-    Switched { release: ReleaseId, from: Option<ReleaseId> },
-    UpdateFailed { release: ReleaseId, reason: String },
+    Rejected {
+        what: String,
+        reason: String,
+    },
+    StagingStarted {
+        release: ReleaseId,
+    },
+    ChunkRejected {
+        release: ReleaseId,
+        digest: Digest,
+        reason: String,
+    },
+    Switched {
+        release: ReleaseId,
+        from: Option<ReleaseId>,
+    },
+    UpdateFailed {
+        release: ReleaseId,
+        reason: String,
+    },
 }
 
 impl Event {

@@ -116,7 +116,17 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_a_topic_or_a_directory_are_refused() {
-        for bad in ["", "a/b", "+", "#", "..", ".hidden", "-x", "a b", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "a/b",
+            "+",
+            "#",
+            "..",
+            ".hidden",
+            "-x",
+            "a b",
+            &"x".repeat(65),
+        ] {
             assert!(NodeId::new(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["edge-01", "v1.2.3", "A_b.c-9"] {

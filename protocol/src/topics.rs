@@ -86,7 +86,10 @@ impl Topics {
     }
 
     pub fn chunks(&self, release: &ReleaseId) -> String {
-        format!("{}/releases/{}/{}/chunks", self.prefix, release.app, release.version)
+        format!(
+            "{}/releases/{}/{}/chunks",
+            self.prefix, release.app, release.version
+        )
     }
 
     /// Splits a per-node topic into its node and kind; `None` for anything else, including
@@ -111,9 +114,15 @@ mod tests {
             let topic = topics.node(&node, which);
             assert_eq!(topics.parse_node_topic(&topic), Some((node.clone(), which)));
         }
-        assert_eq!(topics.parse_node_topic("acme/prod/nodes/edge-7/other"), None);
+        assert_eq!(
+            topics.parse_node_topic("acme/prod/nodes/edge-7/other"),
+            None
+        );
         assert_eq!(topics.parse_node_topic("other/nodes/edge-7/state"), None);
-        assert_eq!(topics.all_nodes(NodeTopic::State), "acme/prod/nodes/+/state");
+        assert_eq!(
+            topics.all_nodes(NodeTopic::State),
+            "acme/prod/nodes/+/state"
+        );
     }
 
     #[test]
