@@ -1,1 +1,107 @@
+//! The coordinator: publishes releases, drives rollouts, keeps the fleet inventory, serves
+//! chunks over HTTP and MQTT, and embeds an MQTT broker for the single-machine default.
+//!
+//! Code map:
+//! - [`cli`]: the command line (the operator contract); [`run`] dispatches it.
+//! - [`keys`], [`token`]: the release signing key and the operator API token on disk.
+//! - [`config`]: `serve`'s flags validated and its on-disk state opened, before any bind.
+//! - [`serve`]: start-up and shutdown order of the daemon.
+//! - [`db`]: the sled trees and what each holds; [`release`]: pure release/command rules.
+//! - [`server`]: the HTTP API and chunk server; [`api`]: its JSON bodies.
+//! - [`main_loop`]: the one event loop over MQTT, HTTP requests and chunk reads;
+//!   [`mqtt`]: the rumqttc link task; [`broker`]: the embedded rumqttd; [`fanout`]: chunk dedup.
+//! - [`client`]: the client commands against a running coordinator.
+//!
+//! **Architecture invariant**: only [`main_loop`] publishes to MQTT, and it never awaits the
+//! MQTT client. Topic strings and wire types come from `protocol` only.
 
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod fanout;
+pub mod keys;
+pub mod main_loop;
+pub mod mqtt;
+pub mod release;
+pub mod serve;
+pub mod server;
+pub mod token;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use protocol::UnixSeconds;
+
+use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand};
+
+/// Runs one command line to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let generated = keys::keygen(&out)?;
+            println!("key id      {}", generated.key_id);
+            println!(
+                "signing key {} (secret: keep it on the coordinator)",
+                generated.signing_key.display()
+            );
+            println!(
+                "trust file  {} (give it to every agent: --trust)",
+                generated.trust_file.display()
+            );
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = config::ServeConfig::load(args)?;
+            serve::serve(config, shutdown_signal()).await
+        }
+        Command::Release {
+            command:
+                ReleaseCommand::Publish {
+                    src_dir,
+                    app,
+                    version,
+                    kind,
+                    json,
+                },
+        } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::publish(&client, &src_dir, &app, &version, kind.into(), json).await
+        }
+        Command::Rollout {
+            command: RolloutCommand::Start { app, version, json },
+        } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::rollout_start(&client, &app, &version, json).await
+        }
+        Command::Nodes { json } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::nodes(&client, json).await
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Seconds since the Unix epoch by the system clock (0 if the clock is before 1970).
+pub fn unix_now() -> UnixSeconds {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

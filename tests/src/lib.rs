@@ -1,1 +1,46 @@
+//! Whole-system test harness: real `coordinator` and `agent` processes, a real MQTT broker
+//! (the coordinator's embedded one or Mosquitto), real files in temp directories.
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use system_tests::*;
+//! # fn main() -> anyhow::Result<()> {
+//! let fleet = Fleet::start(Broker::Embedded)?;
+//! let [n1] = fleet.agents(["n1"])?;
+//! let src = fleet.scratch("v1")?;
+//! write_tree(&src, 1, 1_000_000)?;
+//! fleet.publish(&src, "web", "1")?;
+//! fleet.rollout("web", "1")?;
+//! fleet.wait_all_on("web", "1", Duration::from_secs(60))?;
+//! assert_tree_eq(&src, &n1.current_slot()?);
+//! # Ok(()) }
+//! ```
+//!
+//! Rules the harness keeps so tests stay honest: no fixed ports (every address is picked
+//! by binding `127.0.0.1:0`), no sleeps as assertions (every wait polls a condition with a
+//! deadline and fails saying what it waited for, the fleet's state and each log's tail),
+//! and every process is SIGKILLed and reaped when its owner is dropped.
 
+pub mod bins;
+pub mod fleet;
+pub mod mosquitto;
+pub mod mqtt;
+pub mod process;
+pub mod sign;
+pub mod tree;
+pub mod wait;
+
+pub use bins::Bins;
+pub use fleet::{release, Agent, AgentOptions, Broker, Fleet};
+pub use mosquitto::Mosquitto;
+pub use mqtt::TestClient;
+pub use tree::{assert_tree_eq, change_tree, copy_tree, tree_diff, write_tree};
+pub use wait::{wait_for, wait_until};
+
+/// Seconds since the Unix epoch, as on the wire.
+pub fn now() -> protocol::UnixSeconds {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,165 @@
+//! The command line: the operator contract of SPEC.md "Operator interface".
+//!
+//! Parsing only; nothing here touches the disk or the network. Flag names are a contract
+//! (the whole-system tests and operators' scripts use them): rename nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Publishes releases, drives rollouts, keeps the fleet inventory and serves chunks"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How client commands find and authenticate to a running `coordinator serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the coordinator's HTTP API (client commands)
+    #[arg(long, global = true, default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// API token (client commands); `coordinator serve` writes the admin token to DATA/admin.token
+    #[arg(long, global = true, env = "COORDINATOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a signing key (DIR/signing.key) and the trust file for agents (DIR/trust.json)
+    Keygen {
+        /// Directory to write the keys to; existing keys are never overwritten
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the coordinator: HTTP API, chunk server, inventory; embeds an MQTT broker by default
+    Serve(ServeArgs),
+    /// Publish and list releases
+    Release {
+        #[command(subcommand)]
+        command: ReleaseCommand,
+    },
+    /// Roll a release out to the fleet
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Show the fleet inventory: versions, last update, last seen
+    Nodes {
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Data directory: database, chunk store, admin token (created if missing)
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Directory holding signing.key (from `coordinator keygen`)
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// `embedded` to run the built-in MQTT broker, or `mqtt://HOST:PORT` for an external one
+    #[arg(long, default_value = "embedded")]
+    pub broker: String,
+    /// Address the embedded broker listens on
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt_listen: SocketAddr,
+    /// Address of the HTTP API and chunk server
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub http: SocketAddr,
+    /// First level(s) of every MQTT topic
+    #[arg(long, default_value = protocol::topics::DEFAULT_PREFIX)]
+    pub topic_prefix: String,
+    /// URL agents fetch chunks from (`{URL}/chunks/{digest}`); defaults to http://<--http>
+    #[arg(long)]
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Build a release image from a directory and publish it (uploads only missing chunks)
+    Publish {
+        /// Directory holding the release's files
+        src_dir: PathBuf,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, value_enum, default_value_t = Kind::App)]
+        kind: Kind,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Send a published release to every node in the inventory
+    Start {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        version: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    App,
+    Content,
+}
+
+impl From<Kind> for protocol::ReleaseKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::App => protocol::ReleaseKind::App,
+            Kind::Content => protocol::ReleaseKind::Content,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_flags_are_accepted_before_and_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "coordinator",
+            "--server",
+            "http://a:1",
+            "release",
+            "publish",
+            "src",
+            "--app",
+            "web",
+            "--version",
+            "2",
+            "--token",
+            "t",
+        ])
+        .expect("parses");
+        assert_eq!(cli.client.server, "http://a:1");
+        assert_eq!(cli.client.token.as_deref(), Some("t"));
+    }
+}

@@ -1,0 +1,516 @@
+//! The client commands (`release publish`, `rollout start`, `nodes`): HTTP calls to a running
+//! `coordinator serve`, and their human or JSON output.
+//!
+//! `release publish` builds the image locally into a temporary chunk store (removed on exit),
+//! asks the coordinator which chunks it lacks and uploads only those, so publishing v2 after
+//! v1 moves about what changed. Output goes to stdout; errors are returned, never printed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use images::ChunkStore;
+use protocol::messages::{Outcome, SlotReport};
+use protocol::{AppName, ChunkRef, Digest, ReleaseId, ReleaseKind, UnixSeconds, Version};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::api::{
+    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishResponse, ReleaseView,
+    RolloutRequest, RolloutResponse, StoredChunk,
+};
+use crate::cli::ClientArgs;
+use crate::unix_now;
+
+/// Digests per `POST /api/chunks/missing`.
+const MISSING_BATCH: usize = 4096;
+/// Chunk uploads in flight.
+const PARALLEL_UPLOADS: usize = 4;
+
+/// A client of one coordinator's HTTP API.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ApiClient {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<ApiClient> {
+        let token = args
+            .token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no API token: pass --token TOKEN or set COORDINATOR_TOKEN; `coordinator serve` writes the admin token to DATA/admin.token (DATA is its --data directory)"
+                )
+            })?
+            .to_owned();
+        let base = args.server.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!(
+                "invalid --server {:?}: use the coordinator's http:// or https:// URL",
+                args.server
+            );
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(ApiClient { http, base, token })
+    }
+
+    /// Sends a request; turns transport failures and non-2xx answers into errors that say
+    /// what failed and what to do.
+    async fn send(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|error| {
+            if error.is_connect() || error.is_timeout() {
+                anyhow!(
+                    "cannot reach the coordinator at {}: {} — is \"coordinator serve\" running? (--server)",
+                    self.base,
+                    root_cause(&error)
+                )
+            } else {
+                anyhow!("{what}: request to {} failed: {}", self.base, root_cause(&error))
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| text.chars().take(500).collect());
+        if status == StatusCode::UNAUTHORIZED {
+            bail!(
+                "{what}: the coordinator at {} refused the API token (HTTP 401); use the token from DATA/admin.token of `coordinator serve` (--token or COORDINATOR_TOKEN)",
+                self.base
+            );
+        }
+        bail!("{what}: {message} (HTTP {})", status.as_u16())
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .send(what, self.http.get(format!("{}{path}", self.base)))
+            .await?;
+        response
+            .json()
+            .await
+            .with_context(|| format!("{what}: the coordinator's answer is not the expected JSON"))
+    }
+
+    async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let response = self.send(what, request).await?;
+        response
+            .json()
+            .await
+            .with_context(|| format!("{what}: the coordinator's answer is not the expected JSON"))
+    }
+
+    async fn put_chunk(&self, chunk: ChunkRef, compressed: Vec<u8>) -> anyhow::Result<StoredChunk> {
+        let what = format!("uploading chunk {}", chunk.digest);
+        let url = format!(
+            "{}/api/chunks/{}?size={}",
+            self.base, chunk.digest, chunk.size
+        );
+        let response = self
+            .send(&what, self.http.put(url).body(compressed))
+            .await?;
+        response
+            .json()
+            .await
+            .with_context(|| format!("{what}: the coordinator's answer is not the expected JSON"))
+    }
+}
+
+/// The innermost error message (e.g. "Connection refused (os error 111)").
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+/// `coordinator release publish`.
+pub async fn publish(
+    client: &ApiClient,
+    src: &Path,
+    app: &str,
+    version: &str,
+    kind: ReleaseKind,
+    json: bool,
+) -> anyhow::Result<()> {
+    let app = AppName::new(app).context("invalid --app")?;
+    let version = Version::new(version).context("invalid --version")?;
+    let release = ReleaseId::new(app.clone(), version.clone());
+
+    // Fail on a wrong --server or token before a possibly long build.
+    let _: Vec<ReleaseView> = client
+        .get_json("checking the coordinator", "/api/releases")
+        .await?;
+
+    let temp = tempfile::Builder::new()
+        .prefix("coordinator-publish-")
+        .tempdir()
+        .context("cannot create a temporary directory for the image build")?;
+    let store = ChunkStore::open(temp.path().join("chunks"))
+        .context("cannot create a temporary chunk store")?;
+    let manifest = {
+        let (source, store) = (src.to_owned(), store.clone());
+        tokio::task::spawn_blocking(move || {
+            images::build_image(&source, app, version, kind, &store)
+        })
+        .await
+        .context("the image build task failed")?
+        // images' errors already carry their cause in their message: flatten, so that
+        // `{:#}` does not print it twice.
+        .map_err(|error| {
+            anyhow!(
+                "cannot build release {release} from {}: {error}",
+                src.display()
+            )
+        })?
+    };
+
+    let chunks: BTreeMap<Digest, ChunkRef> = manifest.chunks().map(|c| (c.digest, *c)).collect();
+    let digests: Vec<Digest> = chunks.keys().copied().collect();
+    let mut missing = Vec::new();
+    for batch in digests.chunks(MISSING_BATCH) {
+        let answer: MissingResponse = client
+            .post_json(
+                "asking which chunks the coordinator lacks",
+                "/api/chunks/missing",
+                &MissingRequest {
+                    digests: batch.to_vec(),
+                },
+            )
+            .await?;
+        missing.extend(answer.missing);
+    }
+
+    let mut uploaded_bytes: u64 = 0;
+    let mut uploads = JoinSet::new();
+    let mut pending = missing.iter().filter_map(|d| chunks.get(d).copied());
+    loop {
+        while uploads.len() < PARALLEL_UPLOADS {
+            let Some(chunk) = pending.next() else { break };
+            let compressed = store
+                .get(&chunk.digest)
+                .context("cannot read a built chunk")?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "built chunk {} is missing from the temporary store",
+                        chunk.digest
+                    )
+                })?;
+            uploaded_bytes += compressed.len() as u64;
+            let client = client.clone();
+            uploads.spawn(async move { client.put_chunk(chunk, compressed).await });
+        }
+        match uploads.join_next().await {
+            Some(result) => {
+                result.context("an upload task failed")??;
+            }
+            None => break,
+        }
+    }
+
+    let response: PublishResponse = client
+        .post_json(
+            &format!("publishing release {release}"),
+            "/api/releases",
+            &manifest,
+        )
+        .await?;
+    let view = &response.release;
+    if json {
+        let mut value = serde_json::to_value(&response).context("cannot format the result")?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("chunks_uploaded".into(), missing.len().into());
+            object.insert("bytes_uploaded".into(), uploaded_bytes.into());
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).context("cannot format the result")?
+        );
+    } else {
+        if response.created {
+            println!("published {}", view.release);
+        } else {
+            println!(
+                "{} was already published with the same content; nothing changed",
+                view.release
+            );
+        }
+        println!("  files     {}", view.files);
+        println!("  size      {}", human_bytes(view.bytes));
+        println!(
+            "  chunks    {} ({} uploaded, {})",
+            view.chunks,
+            missing.len(),
+            human_bytes(uploaded_bytes)
+        );
+        println!("  manifest  {}", view.manifest_digest);
+    }
+    Ok(())
+}
+
+/// `coordinator rollout start`.
+pub async fn rollout_start(
+    client: &ApiClient,
+    app: &str,
+    version: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let request = RolloutRequest {
+        app: app.to_owned(),
+        version: version.to_owned(),
+    };
+    let response: RolloutResponse = client
+        .post_json(
+            &format!("starting a rollout of {app}@{version}"),
+            "/api/rollouts",
+            &request,
+        )
+        .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).context("cannot format the result")?
+        );
+    } else {
+        let nodes: Vec<&str> = response.nodes.iter().map(|n| n.as_str()).collect();
+        println!(
+            "rollout {} started: {} to {} node{} ({})",
+            response.rollout,
+            response.release,
+            nodes.len(),
+            if nodes.len() == 1 { "" } else { "s" },
+            nodes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `coordinator nodes`.
+pub async fn nodes(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value: serde_json::Value = client.get_json("listing nodes", "/api/nodes").await?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).context("cannot format the result")?
+        );
+        return Ok(());
+    }
+    let nodes: Vec<NodeView> = client.get_json("listing nodes", "/api/nodes").await?;
+    if nodes.is_empty() {
+        println!("no nodes have reported yet");
+        return Ok(());
+    }
+    print!("{}", nodes_table(&nodes, unix_now()));
+    Ok(())
+}
+
+/// The inventory as an aligned text table.
+fn nodes_table(nodes: &[NodeView], now: UnixSeconds) -> String {
+    let header = [
+        "NODE",
+        "ONLINE",
+        "CURRENT",
+        "PREVIOUS",
+        "STAGED",
+        "LAST UPDATE",
+        "LAST SEEN",
+    ]
+    .map(String::from);
+    let mut rows = vec![header];
+    for node in nodes {
+        rows.push([
+            node.node.to_string(),
+            match node.online {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => "?".into(),
+            },
+            slot(node.current.as_ref()),
+            slot(node.previous.as_ref()),
+            staged(node),
+            last_update(node),
+            node.last_seen.map_or_else(|| "-".into(), |t| ago(now, t)),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn slot(report: Option<&SlotReport>) -> String {
+    report.map_or_else(|| "-".into(), |s| s.release.to_string())
+}
+
+fn staged(node: &NodeView) -> String {
+    if let Some(staged) = &node.staged {
+        return staged.release.to_string();
+    }
+    match &node.staging {
+        Some(p) if p.bytes_total > 0 => {
+            format!("{} {}%", p.release, p.bytes_have * 100 / p.bytes_total)
+        }
+        Some(p) => format!("{} …", p.release),
+        None => "-".into(),
+    }
+}
+
+fn last_update(node: &NodeView) -> String {
+    let Some(update) = &node.last_update else {
+        return "-".into();
+    };
+    let fetched = human_bytes(update.bytes_fetched_mqtt + update.bytes_fetched_http);
+    match &update.outcome {
+        Outcome::Switched => format!("switched {}, {fetched} fetched", update.release),
+        Outcome::Failed { reason } => {
+            let reason = if reason.chars().count() > 40 {
+                format!("{}…", reason.chars().take(39).collect::<String>())
+            } else {
+                reason.clone()
+            };
+            format!("failed {} ({reason}), {fetched} fetched", update.release)
+        }
+    }
+}
+
+/// "12s ago", "5m ago", "3h ago", "2d ago".
+fn ago(now: UnixSeconds, then: UnixSeconds) -> String {
+    let secs = now.saturating_sub(then);
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+/// "512 B", "1.5 KiB", "3.2 MiB".
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::messages::UpdateReport;
+    use protocol::NodeId;
+
+    fn rel(version: &str) -> ReleaseId {
+        ReleaseId::new(
+            AppName::new("web").expect("app"),
+            Version::new(version).expect("version"),
+        )
+    }
+
+    fn view(node: &str) -> NodeView {
+        NodeView {
+            node: NodeId::new(node).expect("node"),
+            online: Some(true),
+            labels: BTreeMap::new(),
+            agent_version: None,
+            current: Some(SlotReport {
+                release: rel("2"),
+                manifest_digest: Digest::of(b"m"),
+                slot_dir: "/slots/x".into(),
+            }),
+            previous: None,
+            staged: None,
+            staging: None,
+            last_update: Some(UpdateReport {
+                release: rel("2"),
+                bytes_fetched_mqtt: 1024,
+                bytes_fetched_http: 1024,
+                bytes_reused: 0,
+                chunks_fetched: 2,
+                chunks_rejected: 0,
+                staging_ms: 5,
+                switch_ms: 1,
+                outcome: Outcome::Switched,
+                finished_at: 90,
+            }),
+            last_seq: Some(1),
+            last_seen: Some(95),
+            last_event: None,
+        }
+    }
+
+    #[test]
+    fn the_nodes_table_has_a_header_and_one_aligned_row_per_node() {
+        let table = nodes_table(&[view("edge-1"), view("n2")], 100);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("NODE    ONLINE  CURRENT  PREVIOUS"),
+            "{table}"
+        );
+        assert!(lines[1].contains("web@2"), "{table}");
+        assert!(
+            lines[1].contains("switched web@2, 2.0 KiB fetched"),
+            "{table}"
+        );
+        assert!(lines[1].ends_with("5s ago"), "{table}");
+        assert_eq!(lines[1].find("yes"), lines[2].find("yes"));
+    }
+
+    #[test]
+    fn sizes_and_ages_read_naturally() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(ago(100, 100), "0s ago");
+        assert_eq!(ago(4000, 100), "1h ago");
+        assert_eq!(ago(100, 200), "0s ago");
+    }
+}

@@ -1,0 +1,512 @@
+//! The coordinator's one event loop: everything that talks MQTT goes through here.
+//!
+//! It owns the inventory updates (node state, presence, events), the MQTT outbox (retained
+//! commands, subscriptions, chunk frames) and the chunk fan-out. HTTP handlers do not publish
+//! themselves: they write the desired command to sled, flush, and send an [`ApiRequest`].
+//!
+//! Invariants:
+//! - The loop never awaits the MQTT client: it hands requests to rumqttc with `try_*` and
+//!   keeps what does not fit in its own bounded outbox, retried when rumqttc makes room.
+//! - A command is read from sled's `desired` tree when it is sent, never held in memory, so
+//!   whatever is sent for a node is its newest desired command. Every ConnAck re-subscribes
+//!   and re-sends every desired command retained, so a restarted broker gets them back.
+//! - Memory is bounded: queued chunk requests, chunk reads in flight and frames waiting for
+//!   rumqttc each have a cap; past it a request is dropped (the agent asks again).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use images::StoreError;
+use protocol::messages::{
+    ChunkFrame, ChunkRequest, Event as NodeEvent, EventKind, NodeState, Presence,
+};
+use protocol::{ChunkRef, Digest, NodeId, NodeTopic, ReleaseId, Topics, PROTOCOL_VERSION};
+use rumqttc::{ClientError, QoS, Request, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinSet};
+
+use crate::db::{Db, NodeRecord};
+use crate::fanout::FanoutDedup;
+use crate::mqtt::{Link, LinkEvent};
+use crate::release;
+use crate::unix_now;
+
+/// A chunk asked for again within this window is not sent again (one frame serves all).
+const FANOUT_WINDOW: Duration = Duration::from_secs(2);
+/// Chunk digests waiting to be read and sent.
+const MAX_WANTED: usize = 8192;
+/// Chunk file reads in flight.
+const MAX_READS: usize = 4;
+/// Chunk frames read or being read but not yet handed to rumqttc.
+const MAX_FRAMES: usize = 16;
+/// Releases whose chunk index is kept in memory.
+const MAX_CACHED_MANIFESTS: usize = 16;
+
+/// What HTTP handlers ask of the loop.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// Send these nodes' desired commands (already stored and flushed), retained.
+    PublishCommands(Vec<NodeId>),
+}
+
+/// A finished read of one chunk file.
+struct ChunkRead {
+    release: ReleaseId,
+    chunk: ChunkRef,
+    result: Result<Option<Vec<u8>>, StoreError>,
+}
+
+/// Everything the loop reacts to.
+enum Event {
+    Link(Option<LinkEvent>),
+    Api(ApiRequest),
+    ChunkRead(Result<ChunkRead, JoinError>),
+    Room,
+    Shutdown,
+}
+
+pub struct MainLoop {
+    db: Db,
+    chunks: images::ChunkStore,
+    topics: Topics,
+    client: rumqttc::AsyncClient,
+    connected: bool,
+    /// Subscriptions must be (re)sent: set on every ConnAck.
+    need_subscribe: bool,
+    /// Nodes whose desired command is to be sent, in order, each at most once.
+    commands: VecDeque<NodeId>,
+    queued_commands: HashSet<NodeId>,
+    /// Chunks admitted by the fan-out dedup, waiting to be read.
+    wanted: VecDeque<(ReleaseId, ChunkRef)>,
+    reads: JoinSet<ChunkRead>,
+    /// Encoded frames waiting for room in rumqttc: (topic, frame).
+    frames: VecDeque<(String, Vec<u8>)>,
+    /// rumqttc's request channel was full: wait for it to make room.
+    stalled: bool,
+    dedup: FanoutDedup,
+    manifests: HashMap<ReleaseId, Arc<HashMap<Digest, ChunkRef>>>,
+}
+
+impl MainLoop {
+    pub fn new(
+        db: Db,
+        chunks: images::ChunkStore,
+        topics: Topics,
+        client: rumqttc::AsyncClient,
+    ) -> MainLoop {
+        MainLoop {
+            db,
+            chunks,
+            topics,
+            client,
+            connected: false,
+            need_subscribe: false,
+            commands: VecDeque::new(),
+            queued_commands: HashSet::new(),
+            wanted: VecDeque::new(),
+            reads: JoinSet::new(),
+            frames: VecDeque::new(),
+            stalled: false,
+            dedup: FanoutDedup::new(FANOUT_WINDOW),
+            manifests: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown` completes or the MQTT link task dies (an error).
+    pub async fn run(
+        mut self,
+        link: &mut Link,
+        mut api: mpsc::Receiver<ApiRequest>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let event = tokio::select! {
+                // Connects, disconnects and messages from nodes, via the link task.
+                event = link.events.recv() => Event::Link(event),
+                // HTTP handlers asking for commands to be sent.
+                Some(request) = api.recv() => Event::Api(request),
+                // A chunk file read finished; its frame can be queued.
+                Some(read) = self.reads.join_next(), if !self.reads.is_empty() => Event::ChunkRead(read),
+                // rumqttc sent something, so there is room for what did not fit before.
+                () = link.room.notified(), if self.stalled => Event::Room,
+                // Ctrl-C or SIGTERM.
+                () = &mut shutdown => Event::Shutdown,
+            };
+            match event {
+                Event::Link(None) => anyhow::bail!("the MQTT connection task stopped unexpectedly"),
+                Event::Link(Some(LinkEvent::Connected)) => self.on_connected(),
+                Event::Link(Some(LinkEvent::Disconnected)) => self.connected = false,
+                Event::Link(Some(LinkEvent::Message(publish))) => {
+                    self.on_message(&publish.topic, &publish.payload, !publish.retain)
+                }
+                Event::Api(ApiRequest::PublishCommands(nodes)) => {
+                    for node in nodes {
+                        self.queue_command(node);
+                    }
+                }
+                Event::ChunkRead(read) => self.on_chunk_read(read),
+                Event::Room => {}
+                Event::Shutdown => return Ok(()),
+            }
+            self.pump();
+        }
+    }
+
+    fn on_connected(&mut self) {
+        self.connected = true;
+        self.need_subscribe = true;
+        match self.db.desired_nodes() {
+            Ok(nodes) => {
+                tracing::info!(commands = nodes.len(), "republishing retained commands");
+                for node in nodes {
+                    self.queue_command(node);
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot list desired commands to republish"),
+        }
+    }
+
+    fn queue_command(&mut self, node: NodeId) {
+        if self.queued_commands.insert(node.clone()) {
+            self.commands.push_back(node);
+        }
+    }
+
+    /// Hands queued work to rumqttc while it has room, in priority order: subscriptions,
+    /// commands, chunk frames; then starts chunk reads while the frame buffer has room.
+    fn pump(&mut self) {
+        self.stalled = false;
+        // Nothing goes to rumqttc while disconnected: it would be discarded at the next
+        // ConnAck (clean session). The outbox waits instead.
+        if !self.connected {
+            return;
+        }
+        if self.need_subscribe {
+            let filters = [
+                NodeTopic::State,
+                NodeTopic::Presence,
+                NodeTopic::Events,
+                NodeTopic::ChunkRequests,
+            ]
+            .map(|which| SubscribeFilter::new(self.topics.all_nodes(which), QoS::AtLeastOnce));
+            if self.client.try_subscribe_many(filters).is_err() {
+                self.stalled = true;
+                return;
+            }
+            self.need_subscribe = false;
+        }
+        while let Some(node) = self.commands.front().cloned() {
+            let envelope = match self.db.desired(&node) {
+                Ok(Some(envelope)) => envelope,
+                Ok(None) => {
+                    self.commands.pop_front();
+                    self.queued_commands.remove(&node);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(node = %node, %error, "cannot read the node's desired command");
+                    self.commands.pop_front();
+                    self.queued_commands.remove(&node);
+                    continue;
+                }
+            };
+            let topic = self.topics.node(&node, NodeTopic::Command);
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, envelope)
+                .is_err()
+            {
+                self.stalled = true;
+                return;
+            }
+            tracing::debug!(node = %node, "command handed to MQTT");
+            self.commands.pop_front();
+            self.queued_commands.remove(&node);
+        }
+        while let Some((topic, frame)) = self.frames.pop_front() {
+            match self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, frame)
+            {
+                Ok(()) => {}
+                Err(ClientError::TryRequest(Request::Publish(publish)))
+                | Err(ClientError::Request(Request::Publish(publish))) => {
+                    self.frames
+                        .push_front((publish.topic, publish.payload.to_vec()));
+                    self.stalled = true;
+                    return;
+                }
+                Err(_) => {
+                    self.stalled = true;
+                    return;
+                }
+            }
+        }
+        while self.reads.len() < MAX_READS && self.frames.len() + self.reads.len() < MAX_FRAMES {
+            let Some((release, chunk)) = self.wanted.pop_front() else {
+                break;
+            };
+            let store = self.chunks.clone();
+            self.reads.spawn_blocking(move || ChunkRead {
+                result: store.get(&chunk.digest),
+                release,
+                chunk,
+            });
+        }
+    }
+
+    /// A message on a node topic. `live` is false for a retained message replayed by the
+    /// broker, which says nothing about when the node was last heard from.
+    fn on_message(&mut self, topic: &str, payload: &[u8], live: bool) {
+        let Some((node, which)) = self.topics.parse_node_topic(topic) else {
+            tracing::debug!(topic, "ignoring a message on an unexpected topic");
+            return;
+        };
+        if payload.is_empty() {
+            // A cleared retained message.
+            return;
+        }
+        match which {
+            NodeTopic::State => self.on_state(node, payload, live),
+            NodeTopic::Presence => self.on_presence(node, payload, live),
+            NodeTopic::Events => self.on_event(node, payload, live),
+            NodeTopic::ChunkRequests => self.on_chunk_request(node, payload),
+            NodeTopic::Command => {}
+        }
+    }
+
+    /// Reads, changes and writes back one node's record. Inventory writes are not flushed:
+    /// agents re-send their state (retained) and sled flushes on its own within a second.
+    fn update_node(&self, node: &NodeId, change: impl FnOnce(&mut NodeRecord)) {
+        let mut record = match self.db.node(node) {
+            Ok(record) => record.unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "replacing an unreadable inventory record");
+                NodeRecord::default()
+            }
+        };
+        change(&mut record);
+        if let Err(error) = self.db.put_node(node, &record) {
+            tracing::error!(node = %node, %error, "cannot store the node's inventory record");
+        }
+    }
+
+    fn on_state(&mut self, node: NodeId, payload: &[u8], live: bool) {
+        let state: NodeState = match serde_json::from_slice(payload) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "ignoring a malformed state report");
+                return;
+            }
+        };
+        if state.node != node {
+            tracing::warn!(node = %node, named = %state.node, "ignoring a state report that names another node");
+            return;
+        }
+        if state.protocol > PROTOCOL_VERSION {
+            tracing::warn!(node = %node, protocol = state.protocol, "ignoring a state report from a newer protocol; upgrade the coordinator");
+            return;
+        }
+        let now = unix_now();
+        self.update_node(&node, |record| {
+            let before = record
+                .state
+                .as_ref()
+                .and_then(|s| s.current.as_ref())
+                .map(|c| c.release.clone());
+            let after = state.current.as_ref().map(|c| c.release.clone());
+            if before != after {
+                match &after {
+                    Some(release) => {
+                        tracing::info!(node = %node, release = %release, "node runs a new version")
+                    }
+                    None => tracing::info!(node = %node, "node reports no current version"),
+                }
+            }
+            record.last_seen = if live {
+                Some(now)
+            } else {
+                record.last_seen.or(Some(state.reported_at))
+            };
+            record.state = Some(state);
+        });
+    }
+
+    fn on_presence(&mut self, node: NodeId, payload: &[u8], live: bool) {
+        let presence: Presence = match serde_json::from_slice(payload) {
+            Ok(presence) => presence,
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "ignoring a malformed presence message");
+                return;
+            }
+        };
+        let now = unix_now();
+        self.update_node(&node, |record| {
+            if record.online != Some(presence.online) {
+                tracing::info!(node = %node, online = presence.online, "node presence changed");
+            }
+            record.online = Some(presence.online);
+            if live && presence.online {
+                record.last_seen = Some(now);
+            }
+        });
+    }
+
+    fn on_event(&mut self, node: NodeId, payload: &[u8], live: bool) {
+        let event: NodeEvent = match serde_json::from_slice(payload) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "ignoring a malformed event");
+                return;
+            }
+        };
+        if event.node != node {
+            tracing::warn!(node = %node, named = %event.node, "ignoring an event that names another node");
+            return;
+        }
+        log_event(&event);
+        let now = unix_now();
+        self.update_node(&node, |record| {
+            if live {
+                record.last_seen = Some(now);
+            }
+            record.last_event = Some(event);
+        });
+    }
+
+    fn on_chunk_request(&mut self, node: NodeId, payload: &[u8]) {
+        let request: ChunkRequest = match serde_json::from_slice(payload) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(node = %node, %error, "ignoring a malformed chunk request");
+                return;
+            }
+        };
+        let release = request.release;
+        if request.digests.len() > ChunkRequest::MAX_DIGESTS {
+            tracing::warn!(
+                node = %node, release = %release, digests = request.digests.len(),
+                limit = ChunkRequest::MAX_DIGESTS, "refusing an oversized chunk request"
+            );
+            return;
+        }
+        let Some(index) = self.chunk_index(&release) else {
+            tracing::warn!(node = %node, release = %release, "chunk request for a release that was never published");
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let (mut queued, mut deduped, mut unknown, mut dropped) = (0usize, 0usize, 0usize, 0usize);
+        for digest in request.digests {
+            let Some(chunk) = index.get(&digest) else {
+                unknown += 1;
+                continue;
+            };
+            if self.wanted.len() >= MAX_WANTED {
+                dropped += 1;
+                continue;
+            }
+            if self.dedup.admit(&release, digest, now) {
+                self.wanted.push_back((release.clone(), *chunk));
+                queued += 1;
+            } else {
+                deduped += 1;
+            }
+        }
+        if unknown > 0 {
+            tracing::warn!(node = %node, release = %release, unknown, "chunk request names digests the release does not list; dropped them");
+        }
+        if dropped > 0 {
+            tracing::warn!(node = %node, release = %release, dropped, "chunk send queue is full; the agent will ask again");
+        }
+        tracing::debug!(node = %node, release = %release, queued, deduped, "chunk request");
+    }
+
+    /// The chunks a release lists, loaded from sled once and cached.
+    fn chunk_index(&mut self, release: &ReleaseId) -> Option<Arc<HashMap<Digest, ChunkRef>>> {
+        if let Some(index) = self.manifests.get(release) {
+            return Some(index.clone());
+        }
+        let envelope = match self.db.release_envelope(release) {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::error!(release = %release, %error, "cannot read the release");
+                return None;
+            }
+        };
+        let manifest = match release::stored_manifest(&envelope) {
+            Ok((_, manifest)) => manifest,
+            Err(error) => {
+                tracing::error!(release = %release, %error, "stored release is unreadable");
+                return None;
+            }
+        };
+        if self.manifests.len() >= MAX_CACHED_MANIFESTS {
+            self.manifests.clear();
+        }
+        let index = Arc::new(release::chunk_index(&manifest));
+        self.manifests.insert(release.clone(), index.clone());
+        Some(index)
+    }
+
+    fn on_chunk_read(&mut self, read: Result<ChunkRead, JoinError>) {
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::error!(%error, "a chunk read task failed");
+                return;
+            }
+        };
+        let digest = read.chunk.digest;
+        match read.result {
+            Ok(Some(compressed)) if compressed.len() == read.chunk.zsize as usize => {
+                let frame = ChunkFrame::encode(&digest, &compressed);
+                self.frames
+                    .push_back((self.topics.chunks(&read.release), frame));
+            }
+            Ok(Some(compressed)) => tracing::error!(
+                release = %read.release, digest = %digest, size = compressed.len(), expected = read.chunk.zsize,
+                "stored chunk has the wrong size; not sending it (the chunk store may be damaged)"
+            ),
+            Ok(None) => tracing::error!(
+                release = %read.release, digest = %digest,
+                "a published release's chunk is missing from the chunk store"
+            ),
+            Err(error) => {
+                tracing::error!(release = %read.release, digest = %digest, %error, "cannot read a chunk")
+            }
+        }
+    }
+}
+
+/// One log line per node event, with its fields.
+fn log_event(event: &NodeEvent) {
+    let node = &event.node;
+    match &event.kind {
+        EventKind::Rejected { what, reason } => {
+            tracing::warn!(node = %node, what, reason, "node rejected a message")
+        }
+        EventKind::StagingStarted { release } => {
+            tracing::info!(node = %node, release = %release, "node started staging")
+        }
+        EventKind::ChunkRejected {
+            release,
+            digest,
+            reason,
+        } => {
+            tracing::warn!(node = %node, release = %release, digest = %digest, reason, "node rejected a chunk")
+        }
+        EventKind::Switched { release, from } => match from {
+            Some(from) => {
+                tracing::info!(node = %node, release = %release, from = %from, "node switched")
+            }
+            None => tracing::info!(node = %node, release = %release, "node switched"),
+        },
+        EventKind::UpdateFailed { release, reason } => {
+            tracing::warn!(node = %node, release = %release, reason, "node update failed")
+        }
+    }
+}

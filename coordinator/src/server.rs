@@ -1,0 +1,497 @@
+//! The HTTP side of `serve`: the operator API (`/api/*`, token required) and the public chunk
+//! server (`/chunks/{digest}`). Bodies are defined in `api.rs`.
+//!
+//! Save points, in order (the order is what makes a crash at any instant safe):
+//! - publish: chunks are in the store (each fsynced by `put_verified`) → the sealed release is
+//!   inserted into sled → flush → respond. A release is never visible before its chunks.
+//! - rollout: seqs reserved, every node's desired command and the rollout record written →
+//!   flush → the main loop is asked to publish → respond. Nothing leaves the process with a
+//!   seq that is not durable, so no seq is ever reused after a crash.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use ed25519_dalek::SigningKey;
+use images::{ChunkStore, StoreError};
+use protocol::format::{self, FORMAT_VERSION};
+use protocol::{AppName, ChunkRef, Digest, Envelope, Manifest, ReleaseId, Signed as _, Version};
+use serde::Deserialize;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::api::{
+    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishResponse, ReleaseView,
+    RolloutRequest, RolloutResponse, StoredChunk, MAX_MISSING_QUERY,
+};
+use crate::db::{Db, DbError, Inserted, RolloutRecord};
+use crate::main_loop::ApiRequest;
+use crate::release;
+use crate::token::AdminToken;
+use crate::unix_now;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub db: Db,
+    pub chunks: ChunkStore,
+    pub signing_key: SigningKey,
+    pub token: AdminToken,
+    /// Base URL agents fetch chunks from.
+    pub public_url: String,
+    pub to_loop: mpsc::Sender<ApiRequest>,
+    /// Rollouts are serialized so that for every node the newest desired command is also the
+    /// last one queued for publishing.
+    pub rollout_lock: Mutex<()>,
+}
+
+type Shared = Arc<AppState>;
+
+/// An error response: `{"error": message}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn internal(message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        tracing::error!(error = %message, "request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    fn body(rejection: BytesRejection) -> ApiError {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body is over this endpoint's size limit".to_owned()
+        } else {
+            rejection.body_text()
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> ApiError {
+        ApiError::internal(error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/chunks/missing",
+            post(missing_chunks).layer(DefaultBodyLimit::max(2 * 1024 * 1024)),
+        )
+        .route(
+            "/api/chunks/{digest}",
+            put(put_chunk).layer(DefaultBodyLimit::max(format::MAX_COMPRESSED_CHUNK_SIZE)),
+        )
+        .route(
+            "/api/releases",
+            post(publish_release)
+                .get(list_releases)
+                .layer(DefaultBodyLimit::max(format::MAX_MANIFEST_BYTES)),
+        )
+        .route("/api/rollouts", post(start_rollout))
+        .route("/api/nodes", get(list_nodes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/chunks/{digest}", get(get_chunk))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if state.token.authorizes(header) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API token: send `Authorization: Bearer <token>`; the admin token is in DATA/admin.token of `coordinator serve`",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+    text.parse()
+        .map_err(|e: protocol::digest::DigestParseError| ApiError::bad_request(e.to_string()))
+}
+
+/// Runs blocking chunk-store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("chunk store task failed: {e}")))
+}
+
+/// `POST /api/chunks/missing`: which of these digests the store lacks.
+async fn missing_chunks(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<MissingResponse>, ApiError> {
+    let body = body.map_err(ApiError::body)?;
+    let request: MissingRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("expected {{\"digests\": [hex, ...]}}: {e}")))?;
+    if request.digests.len() > MAX_MISSING_QUERY {
+        return Err(ApiError::bad_request(format!(
+            "{} digests in one query; ask about at most {MAX_MISSING_QUERY} at a time",
+            request.digests.len()
+        )));
+    }
+    let chunks = state.chunks.clone();
+    let missing = blocking(move || {
+        request
+            .digests
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|d| !chunks.contains(d))
+            .collect()
+    })
+    .await?;
+    Ok(Json(MissingResponse { missing }))
+}
+
+#[derive(Deserialize)]
+struct SizeQuery {
+    size: u32,
+}
+
+/// `PUT /api/chunks/{digest}?size=N`: store a compressed chunk after verifying it decodes to
+/// `size` bytes hashing to `digest`.
+async fn put_chunk(
+    State(state): State<Shared>,
+    Path(digest): Path<String>,
+    query: Result<Query<SizeQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<StoredChunk>), ApiError> {
+    let digest = parse_digest(&digest)?;
+    let Query(SizeQuery { size }) = query.map_err(|_| {
+        ApiError::bad_request("give the chunk's uncompressed size: PUT /api/chunks/{digest}?size=N")
+    })?;
+    let body = body.map_err(ApiError::body)?;
+    if size == 0 || size as usize > format::MAX_CHUNK_SIZE {
+        return Err(ApiError::bad_request(format!(
+            "chunk size {size} is outside 1..={}",
+            format::MAX_CHUNK_SIZE
+        )));
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request("empty chunk body"));
+    }
+    let chunk = ChunkRef {
+        digest,
+        size,
+        zsize: body.len() as u32,
+    };
+    let chunks = state.chunks.clone();
+    let stored = blocking(move || {
+        if chunks.contains(&digest) {
+            return Ok(false);
+        }
+        chunks.put_verified(&chunk, &body).map(|()| true)
+    })
+    .await?;
+    match stored {
+        Ok(true) => Ok((
+            StatusCode::CREATED,
+            Json(StoredChunk {
+                digest,
+                stored: true,
+            }),
+        )),
+        Ok(false) => Ok((
+            StatusCode::OK,
+            Json(StoredChunk {
+                digest,
+                stored: false,
+            }),
+        )),
+        Err(StoreError::Chunk(error)) => Err(ApiError::bad_request(format!(
+            "chunk {digest} does not verify, not stored: {error}"
+        ))),
+        Err(error) => Err(ApiError::internal(format!(
+            "cannot store chunk {digest}: {error}"
+        ))),
+    }
+}
+
+/// `GET /chunks/{digest}`: the compressed chunk, for agents and mirrors. No token: agents
+/// verify every chunk against the signed manifest.
+async fn get_chunk(
+    State(state): State<Shared>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let digest =
+        parse_digest(&digest).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.message))?;
+    let chunks = state.chunks.clone();
+    match blocking(move || chunks.get(&digest)).await? {
+        Ok(Some(bytes)) => Ok((
+            [
+                (header::CONTENT_TYPE, "application/zstd"),
+                // Content-addressed: the bytes for a digest never change.
+                (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            ],
+            bytes,
+        )
+            .into_response()),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no chunk {digest}"),
+        )),
+        Err(error) => Err(ApiError::internal(format!(
+            "cannot read chunk {digest}: {error}"
+        ))),
+    }
+}
+
+/// `POST /api/releases`: validate, check chunks, seal and store an immutable release.
+async fn publish_release(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    let body = body.map_err(ApiError::body)?;
+    let manifest: Manifest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not a release manifest: {e}")))?;
+    let id = manifest.release_id();
+    if manifest.format != FORMAT_VERSION {
+        return Err(ApiError::bad_request(format!(
+            "release {id} is image format {}, this coordinator publishes format {FORMAT_VERSION}; rebuild it with a matching `coordinator`",
+            manifest.format
+        )));
+    }
+    manifest
+        .validate()
+        .map_err(|e| ApiError::bad_request(format!("release {id} is not valid: {e}")))?;
+
+    let digests: BTreeSet<Digest> = manifest.chunks().map(|c| c.digest).collect();
+    let total = digests.len();
+    let chunks = state.chunks.clone();
+    let missing: Vec<Digest> = blocking(move || {
+        digests
+            .into_iter()
+            .filter(|d| !chunks.contains(d))
+            .collect()
+    })
+    .await?;
+    if let Some(first) = missing.first() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} of the {total} chunks of release {id} are not on the coordinator (first: {first}); upload them with PUT /api/chunks/{{digest}}?size=N first (`coordinator release publish` does this)",
+                missing.len()
+            ),
+        ));
+    }
+
+    if let Some(existing) = state.db.release_envelope(&id)? {
+        return already_published(&state, &id, &manifest, &existing);
+    }
+
+    let envelope = Envelope::seal(&manifest, &state.signing_key).to_bytes();
+    let payload_len = serde_json::to_vec(&manifest)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if payload_len > Manifest::MAX_PAYLOAD_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the manifest of {id} is {payload_len} bytes, over the {}-byte limit agents accept; split the release",
+                Manifest::MAX_PAYLOAD_BYTES
+            ),
+        ));
+    }
+    let info = release::summarize(&manifest, &envelope, unix_now());
+    match state.db.insert_release(&info, &envelope)? {
+        Inserted::New => {}
+        // Someone published the same id between our check and the insert.
+        Inserted::Existing(existing) => {
+            return already_published(&state, &id, &manifest, &existing)
+        }
+    }
+    state.db.flush().await?;
+    tracing::info!(release = %id, files = info.files, bytes = info.bytes, chunks = info.chunks, "release published");
+    Ok((
+        StatusCode::CREATED,
+        Json(PublishResponse {
+            release: ReleaseView::from(&info),
+            created: true,
+        }),
+    ))
+}
+
+/// The answer when `id` exists: the same content is an idempotent success, anything else a
+/// conflict (releases are immutable).
+fn already_published(
+    state: &AppState,
+    id: &ReleaseId,
+    manifest: &Manifest,
+    existing: &[u8],
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    let (_, stored) = release::stored_manifest(existing)
+        .map_err(|e| ApiError::internal(format!("release {id}: {e}")))?;
+    if !release::same_content(&stored, manifest) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("release {id} already exists with different content; releases are immutable: publish a new version"),
+        ));
+    }
+    let info = state
+        .db
+        .release_info(id)?
+        .ok_or_else(|| ApiError::internal(format!("release {id} has no stored summary")))?;
+    Ok((
+        StatusCode::OK,
+        Json(PublishResponse {
+            release: ReleaseView::from(&info),
+            created: false,
+        }),
+    ))
+}
+
+/// `GET /api/releases`.
+async fn list_releases(State(state): State<Shared>) -> Result<Json<Vec<ReleaseView>>, ApiError> {
+    Ok(Json(
+        state.db.releases()?.iter().map(ReleaseView::from).collect(),
+    ))
+}
+
+/// `POST /api/rollouts`: send a release to every node in the inventory.
+async fn start_rollout(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<RolloutResponse>), ApiError> {
+    let body = body.map_err(ApiError::body)?;
+    let request: RolloutRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"app\": ..., \"version\": ...}}: {e}"))
+    })?;
+    let app = AppName::new(request.app).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let version =
+        Version::new(request.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = ReleaseId::new(app, version);
+
+    let _serialized = state.rollout_lock.lock().await;
+    let stored = state.db.release_envelope(&id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "release {id} does not exist; publish it first with `coordinator release publish`"
+            ),
+        )
+    })?;
+    let (manifest_envelope, _) = release::stored_manifest(&stored)
+        .map_err(|e| ApiError::internal(format!("release {id}: {e}")))?;
+    let nodes: Vec<_> = state
+        .db
+        .nodes()?
+        .into_iter()
+        .filter(|(_, record)| record.state.is_some())
+        .map(|(node, _)| node)
+        .collect();
+    if nodes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no nodes have reported yet: start agents against this coordinator's MQTT broker, check `coordinator nodes`, then retry",
+        ));
+    }
+
+    let seqs = state.db.reserve_seqs(nodes.len() as u64)?;
+    let rollout = state.db.next_rollout_id()?;
+    let now = unix_now();
+    let mut targets = Vec::with_capacity(nodes.len());
+    for (node, seq) in nodes.iter().zip(seqs) {
+        let command = release::deploy_command(
+            node.clone(),
+            seq,
+            now,
+            manifest_envelope.clone(),
+            vec![state.public_url.clone()],
+        );
+        let sealed = Envelope::seal(&command, &state.signing_key).to_bytes();
+        if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
+            return Err(ApiError::internal(format!(
+                "the command for node {node} is {} bytes, too large for MQTT",
+                sealed.len()
+            )));
+        }
+        state.db.set_desired(node, &sealed)?;
+        targets.push((node.clone(), seq));
+    }
+    state.db.put_rollout(&RolloutRecord {
+        id: rollout,
+        release: id.clone(),
+        nodes: targets,
+        started_at: now,
+    })?;
+    // Save point: seqs, commands and the rollout are durable before any command is sent.
+    state.db.flush().await?;
+    state
+        .to_loop
+        .send(ApiRequest::PublishCommands(nodes.clone()))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down; the rollout is stored and its commands are sent when it is back"))?;
+    tracing::info!(rollout, release = %id, nodes = nodes.len(), "rollout started");
+    Ok((
+        StatusCode::CREATED,
+        Json(RolloutResponse {
+            rollout,
+            release: id.to_string(),
+            app: id.app.to_string(),
+            version: id.version.to_string(),
+            nodes,
+        }),
+    ))
+}
+
+/// `GET /api/nodes`: the inventory.
+async fn list_nodes(State(state): State<Shared>) -> Result<Json<Vec<NodeView>>, ApiError> {
+    Ok(Json(
+        state
+            .db
+            .nodes()?
+            .into_iter()
+            .map(|(node, record)| NodeView::new(node, record))
+            .collect(),
+    ))
+}

@@ -1,0 +1,665 @@
+//! The system under test: a coordinator, its broker and agents, each a real process in one
+//! temp directory, all killed when the [`Fleet`] is dropped.
+
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::fmt::Display;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use ed25519_dalek::SigningKey;
+use protocol::messages::NodeState;
+use protocol::{AppName, NodeId, ReleaseId, Topics, TrustedKeys, Version};
+use tempfile::TempDir;
+
+use crate::bins::Bins;
+use crate::mosquitto::Mosquitto;
+use crate::mqtt::TestClient;
+use crate::process::{free_addr, log_tail, run, Proc};
+use crate::wait::{wait_for, Fatal};
+
+/// How long a CLI call may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a process gets to come up.
+const STARTUP: Duration = Duration::from_secs(30);
+/// Log lines shown per process when something fails.
+const TAIL: usize = 40;
+
+/// Which MQTT broker the fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// The coordinator's own (`--broker embedded --mqtt-listen …`).
+    Embedded,
+    /// A separate Mosquitto process (`--broker mqtt://…`).
+    Mosquitto,
+}
+
+/// Options for [`Fleet::agents_with`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// `--label k=v` for each pair.
+    pub labels: Vec<(String, String)>,
+    /// `--max-fetch-rate BYTES_PER_SEC`.
+    pub max_fetch_rate: Option<u64>,
+}
+
+/// A coordinator with its broker, and the agents started through it.
+pub struct Fleet {
+    bins: Bins,
+    keys: PathBuf,
+    data: PathBuf,
+    http: SocketAddr,
+    mqtt: SocketAddr,
+    token: String,
+    topics: Topics,
+    coordinator: RefCell<Proc>,
+    mosquitto: Option<RefCell<Mosquitto>>,
+    agents: RefCell<Vec<Agent>>,
+    // Last, so it is removed after every process is dead.
+    dir: Option<TempDir>,
+}
+
+impl Fleet {
+    /// Keys, a broker and a coordinator, with the binaries of this build.
+    pub fn start(broker: Broker) -> Result<Fleet> {
+        Fleet::start_with(broker, Bins::of_this_build().clone())
+    }
+
+    /// Like [`Fleet::start`] with the given binaries (the bench uses release builds).
+    pub fn start_with(broker: Broker, bins: Bins) -> Result<Fleet> {
+        let dir = tempfile::Builder::new().prefix("fleet-").tempdir()?;
+        let keys = dir.path().join("keys");
+        let out = run(
+            Command::new(&bins.coordinator)
+                .arg("keygen")
+                .arg("--out")
+                .arg(&keys),
+            CLI_TIMEOUT,
+        )?;
+        check_output("coordinator keygen", &out)?;
+        for file in ["signing.key", "trust.json"] {
+            anyhow::ensure!(
+                keys.join(file).is_file(),
+                "`coordinator keygen --out {}` wrote no {file}",
+                keys.display()
+            );
+        }
+
+        let mosquitto = match broker {
+            Broker::Embedded => None,
+            Broker::Mosquitto => Some(Mosquitto::start(dir.path())?),
+        };
+        let mqtt = match &mosquitto {
+            Some(m) => m.addr(),
+            None => free_addr()?,
+        };
+        let http = free_addr()?;
+        let data = dir.path().join("coordinator");
+        let mut args: Vec<OsString> = vec![
+            "serve".into(),
+            "--data".into(),
+            data.clone().into(),
+            "--keys".into(),
+            keys.clone().into(),
+            "--http".into(),
+            http.to_string().into(),
+        ];
+        match &mosquitto {
+            Some(m) => args.extend(["--broker".into(), m.url().into()]),
+            None => args.extend([
+                "--broker".into(),
+                "embedded".into(),
+                "--mqtt-listen".into(),
+                mqtt.to_string().into(),
+            ]),
+        }
+        let coordinator = Proc::spawn(
+            "coordinator",
+            &bins.coordinator,
+            args,
+            dir.path().join("coordinator.log"),
+        )?;
+        let mut fleet = Fleet {
+            bins,
+            keys,
+            data,
+            http,
+            mqtt,
+            token: String::new(),
+            topics: Topics::default(),
+            coordinator: RefCell::new(coordinator),
+            mosquitto: mosquitto.map(RefCell::new),
+            agents: RefCell::new(Vec::new()),
+            dir: Some(dir),
+        };
+        let token_file = fleet.data.join("admin.token");
+        fleet.token = fleet.wait_for(STARTUP, "the coordinator to write admin.token", || {
+            Ok(std::fs::read_to_string(&token_file)
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()))
+        })?;
+        fleet.wait_until(STARTUP, "the coordinator's HTTP API to listen", || {
+            Ok(TcpStream::connect(http).is_ok())
+        })?;
+        if broker == Broker::Embedded {
+            fleet.wait_until(STARTUP, "the embedded MQTT broker to listen", || {
+                Ok(TcpStream::connect(mqtt).is_ok())
+            })?;
+        }
+        fleet.wait_until(STARTUP, "`coordinator nodes --json` to answer", || {
+            fleet.nodes().map(|_| true)
+        })?;
+        Ok(fleet)
+    }
+
+    /// Starts one agent per id, each with its own data directory, and waits until the
+    /// coordinator lists each of them as online.
+    pub fn agents<const N: usize>(&self, ids: [&str; N]) -> Result<[Agent; N]> {
+        self.agents_with(ids, &AgentOptions::default())
+    }
+
+    pub fn agents_with<const N: usize>(
+        &self,
+        ids: [&str; N],
+        options: &AgentOptions,
+    ) -> Result<[Agent; N]> {
+        let mut started = Vec::with_capacity(N);
+        for id in ids {
+            let agent = self.spawn_agent(id, options)?;
+            self.agents.borrow_mut().push(agent.clone());
+            started.push(agent);
+        }
+        let ids_list = ids.join(", ");
+        self.wait_until(
+            STARTUP,
+            format_args!("agents {ids_list} to be online in `nodes --json`"),
+            || {
+                let nodes = self.nodes()?;
+                Ok(ids
+                    .iter()
+                    .all(|id| node_entry(&nodes, id).is_some_and(is_online)))
+            },
+        )?;
+        Ok(started
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one agent per id")))
+    }
+
+    fn spawn_agent(&self, id: &str, options: &AgentOptions) -> Result<Agent> {
+        let node = NodeId::new(id)?;
+        let dir = self.dir().join("agents").join(id);
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("data");
+        let mut args: Vec<OsString> = vec![
+            "run".into(),
+            "--data".into(),
+            data.clone().into(),
+            "--node-id".into(),
+            id.into(),
+            "--broker".into(),
+            self.broker_url().into(),
+            "--trust".into(),
+            self.keys.join("trust.json").into(),
+        ];
+        for (k, v) in &options.labels {
+            args.extend(["--label".into(), format!("{k}={v}").into()]);
+        }
+        if let Some(rate) = options.max_fetch_rate {
+            args.extend(["--max-fetch-rate".into(), rate.to_string().into()]);
+        }
+        let proc = Proc::spawn(
+            &format!("agent {id}"),
+            &self.bins.agent,
+            args,
+            dir.join("agent.log"),
+        )?;
+        Ok(Agent(Rc::new(AgentInner {
+            node,
+            data,
+            bin: self.bins.agent.clone(),
+            proc: RefCell::new(proc),
+        })))
+    }
+
+    /// `coordinator release publish SRC --app APP --version VER`.
+    pub fn publish(&self, src: &Path, app: &str, version: &str) -> Result<Output> {
+        let src = src.to_str().context("source path is not UTF-8")?;
+        self.cli(&[
+            "release",
+            "publish",
+            src,
+            "--app",
+            app,
+            "--version",
+            version,
+        ])
+    }
+
+    /// `coordinator rollout start --app APP --version VER`.
+    pub fn rollout(&self, app: &str, version: &str) -> Result<Output> {
+        self.cli(&["rollout", "start", "--app", app, "--version", version])
+    }
+
+    /// `coordinator nodes --json`, parsed.
+    pub fn nodes(&self) -> Result<serde_json::Value> {
+        let out = self.cli(&["nodes", "--json"])?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`nodes --json` printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs the operator CLI against this coordinator; fails with its output and the
+    /// coordinator's log tail when it exits non-zero.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let out = self.try_cli(args)?;
+        check_output(&format!("coordinator {}", args.join(" ")), &out)
+            .map_err(|e| anyhow!("{e:#}\n{}", self.coordinator.borrow().log_tail(TAIL)))?;
+        Ok(out)
+    }
+
+    /// Runs the operator CLI and returns its output whatever the exit status.
+    pub fn try_cli(&self, args: &[&str]) -> Result<Output> {
+        self.try_cli_within(args, CLI_TIMEOUT)
+    }
+
+    fn try_cli_within(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        run(
+            Command::new(&self.bins.coordinator)
+                .arg("--server")
+                .arg(format!("http://{}", self.http))
+                .arg("--token")
+                .arg(&self.token)
+                .args(args),
+            timeout,
+        )
+    }
+
+    /// Waits until every agent of the fleet reports `app@version` as its current release.
+    pub fn wait_all_on(&self, app: &str, version: &str, timeout: Duration) -> Result<()> {
+        let want = release(app, version)?;
+        let agents = self.agents.borrow().clone();
+        self.wait_until(timeout, format_args!("every agent to run {want}"), || {
+            for agent in &agents {
+                if agent.current_release()?.as_ref() != Some(&want) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    /// [`crate::wait_until`], failing at once if a process died on its own, and with the
+    /// fleet's [`Fleet::report`] on timeout.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: impl Display,
+        mut cond: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        self.wait_for(timeout, what, || Ok(cond()?.then_some(())))
+    }
+
+    /// Like [`Fleet::wait_until`], for a probe that yields a value.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: impl Display,
+        mut probe: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        wait_for(timeout, what, || {
+            self.check_alive()?;
+            probe()
+        })
+        .map_err(|e| anyhow!("{e:#}\n{}", self.report()))
+    }
+
+    /// Fails with [`Fatal`] if a process that should run has exited.
+    fn check_alive(&self) -> Result<()> {
+        let mut dead = Vec::new();
+        if let Some(status) = self.coordinator.borrow_mut().exit_status() {
+            dead.push(format!("the coordinator exited ({status})"));
+        }
+        if let Some(m) = &self.mosquitto {
+            if let Some(status) = m.borrow_mut().proc_mut().exit_status() {
+                dead.push(format!("mosquitto exited ({status})"));
+            }
+        }
+        for agent in self.agents.borrow().iter() {
+            if let Some(status) = agent.exit_status() {
+                dead.push(format!("agent {} exited ({status})", agent.node()));
+            }
+        }
+        if dead.is_empty() {
+            Ok(())
+        } else {
+            Err(Fatal(dead.join("; ")).into())
+        }
+    }
+
+    /// What the fleet looks like now, for failure messages: the coordinator's node list,
+    /// each agent's own status, and the tail of every log.
+    pub fn report(&self) -> String {
+        let mut out = String::from("\n===== fleet state\n");
+        match self.try_cli_within(&["nodes", "--json"], Duration::from_secs(10)) {
+            Ok(o) if o.status.success() => {
+                out += &format!(
+                    "coordinator nodes --json:\n{}\n",
+                    String::from_utf8_lossy(&o.stdout)
+                )
+            }
+            Ok(o) => {
+                out += &format!(
+                    "coordinator nodes --json failed ({}): {}\n",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            }
+            Err(e) => out += &format!("coordinator nodes --json: {e:#}\n"),
+        }
+        for agent in self.agents.borrow().iter() {
+            match agent.status_output() {
+                Ok(o) => {
+                    out += &format!(
+                        "agent {} status --json ({}): {}{}\n",
+                        agent.node(),
+                        o.status,
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                }
+                Err(e) => out += &format!("agent {} status: {e:#}\n", agent.node()),
+            }
+        }
+        if let Some(m) = &self.mosquitto {
+            out += &m.borrow().proc().log_tail(TAIL);
+        }
+        out += &self.coordinator.borrow().log_tail(TAIL);
+        for agent in self.agents.borrow().iter() {
+            out += &agent.log_tail(TAIL);
+        }
+        out
+    }
+
+    /// SIGKILLs the Mosquitto broker.
+    pub fn kill_broker(&self) -> Result<()> {
+        self.mosquitto_ref()?.borrow_mut().kill();
+        Ok(())
+    }
+
+    /// Starts the Mosquitto broker again on the same port.
+    pub fn restart_broker(&self) -> Result<()> {
+        self.mosquitto_ref()?.borrow_mut().restart()
+    }
+
+    fn mosquitto_ref(&self) -> Result<&RefCell<Mosquitto>> {
+        match &self.mosquitto {
+            Some(m) => Ok(m),
+            None => bail!("this fleet uses the embedded broker, not Mosquitto"),
+        }
+    }
+
+    /// SIGKILLs the coordinator (and so an embedded broker).
+    pub fn kill_coordinator(&self) {
+        self.coordinator.borrow_mut().kill();
+    }
+
+    /// Starts the coordinator again with the same data, keys and addresses.
+    pub fn restart_coordinator(&self) -> Result<()> {
+        self.coordinator.borrow_mut().restart()?;
+        self.wait_until(
+            STARTUP,
+            "the restarted coordinator's HTTP API to listen",
+            || Ok(TcpStream::connect(self.http).is_ok()),
+        )
+    }
+
+    /// A test MQTT client connected to the fleet's broker.
+    pub fn mqtt_client(&self) -> Result<TestClient> {
+        TestClient::connect(self.mqtt)
+    }
+
+    /// `mqtt://HOST:PORT` of the broker the agents use.
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://{}", self.mqtt)
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// The coordinator's signing key (`KEYS/signing.key`, hex of the 32-byte secret).
+    pub fn signing_key(&self) -> Result<SigningKey> {
+        let path = self.keys.join("signing.key");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut secret)
+            .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+        Ok(SigningKey::from_bytes(&secret))
+    }
+
+    /// The keys the agents trust (`KEYS/trust.json`).
+    pub fn trusted_keys(&self) -> Result<TrustedKeys> {
+        let bytes = std::fs::read(self.keys.join("trust.json"))?;
+        Ok(TrustedKeys::from_json(&bytes)?)
+    }
+
+    /// The coordinator's `--data` directory.
+    pub fn coordinator_data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Every file in the coordinator's chunk store (`DATA/chunks`, any depth), sorted.
+    pub fn chunk_files(&self) -> Result<Vec<PathBuf>> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return Ok(());
+            };
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    walk(&entry.path(), out)?;
+                } else {
+                    out.push(entry.path());
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.data.join("chunks"), &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// A fresh directory inside the fleet's temp dir, for test data.
+    pub fn scratch(&self, name: &str) -> Result<PathBuf> {
+        let path = self.dir().join("scratch").join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(path)
+    }
+
+    /// The PID of the coordinator process, while it runs.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.borrow().pid()
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .expect("the temp dir lives as long as the fleet")
+            .path()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.report());
+            if let Some(dir) = self.dir.take() {
+                eprintln!("===== keeping {} for inspection", dir.keep().display());
+            }
+        }
+        for agent in self.agents.borrow().iter() {
+            agent.kill();
+        }
+        self.coordinator.borrow_mut().kill();
+        if let Some(m) = &self.mosquitto {
+            m.borrow_mut().kill();
+        }
+    }
+}
+
+/// One agent process and its data directory. Cheap to clone; the process is killed when
+/// the fleet is dropped.
+#[derive(Clone)]
+pub struct Agent(Rc<AgentInner>);
+
+struct AgentInner {
+    node: NodeId,
+    data: PathBuf,
+    bin: PathBuf,
+    proc: RefCell<Proc>,
+}
+
+impl Agent {
+    pub fn node(&self) -> &NodeId {
+        &self.0.node
+    }
+
+    /// The agent's `--data` directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.0.data
+    }
+
+    /// `agent status --data DIR --json`, parsed.
+    pub fn status(&self) -> Result<NodeState> {
+        let out = self.status_output()?;
+        check_output(&format!("agent status for {}", self.node()), &out)?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "agent status for {} is not a NodeState: {}",
+                self.node(),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn status_output(&self) -> Result<Output> {
+        run(
+            Command::new(&self.0.bin)
+                .arg("status")
+                .arg("--data")
+                .arg(&self.0.data)
+                .arg("--json"),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// The release the agent runs now, if any.
+    pub fn current_release(&self) -> Result<Option<ReleaseId>> {
+        Ok(self.status()?.current.map(|s| s.release))
+    }
+
+    /// The slot directory of the current release.
+    pub fn current_slot(&self) -> Result<PathBuf> {
+        let status = self.status()?;
+        let slot = status
+            .current
+            .with_context(|| format!("{} has no current release", self.node()))?;
+        Ok(self.resolve(&slot.slot_dir))
+    }
+
+    /// The slot directory of the previous release.
+    pub fn previous_slot(&self) -> Result<PathBuf> {
+        let status = self.status()?;
+        let slot = status
+            .previous
+            .with_context(|| format!("{} has no previous release", self.node()))?;
+        Ok(self.resolve(&slot.slot_dir))
+    }
+
+    /// Where `DATA/current` points, resolved.
+    pub fn current_link(&self) -> Result<PathBuf> {
+        let link = self.0.data.join("current");
+        std::fs::canonicalize(&link).with_context(|| format!("resolving {}", link.display()))
+    }
+
+    fn resolve(&self, slot_dir: &str) -> PathBuf {
+        let path = Path::new(slot_dir);
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.0.data.join(path)
+        }
+    }
+
+    /// SIGKILLs the agent.
+    pub fn kill(&self) {
+        self.0.proc.borrow_mut().kill();
+    }
+
+    /// Starts the agent again with the same arguments (after [`Agent::kill`]).
+    pub fn restart(&self) -> Result<()> {
+        self.0.proc.borrow_mut().restart()
+    }
+
+    /// Whether the agent process is alive.
+    pub fn is_running(&self) -> bool {
+        self.0.proc.borrow_mut().is_running()
+    }
+
+    /// How the agent exited, if it did so on its own.
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.0.proc.borrow_mut().exit_status()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.0.proc.borrow().pid()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let proc = self.0.proc.borrow();
+        log_tail(proc.name(), proc.log_path(), lines)
+    }
+}
+
+/// `app@version` as a [`ReleaseId`].
+pub fn release(app: &str, version: &str) -> Result<ReleaseId> {
+    Ok(ReleaseId::new(AppName::new(app)?, Version::new(version)?))
+}
+
+/// The entry for `id` in the output of `nodes --json`.
+pub fn node_entry<'a>(nodes: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    nodes
+        .as_array()?
+        .iter()
+        .find(|n| n.get("node").and_then(|v| v.as_str()) == Some(id))
+}
+
+/// Whether an entry of `nodes --json` says the node is online (absent field: assume so).
+fn is_online(entry: &serde_json::Value) -> bool {
+    entry
+        .get("online")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true)
+}
+
+fn check_output(what: &str, out: &Output) -> Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    bail!(
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
