@@ -138,7 +138,7 @@ pub fn open_command(
 }
 
 /// Opens and validates the manifest a deploy carries. Returns it with the digest that names
-/// it (BLAKE3 of the envelope's exact payload, so re-signing does not change it).
+/// it ([`Envelope::payload_digest`]).
 pub fn open_manifest(
     envelope: &Envelope,
     trust: &TrustedKeys,
@@ -147,7 +147,7 @@ pub fn open_manifest(
     manifest
         .validate()
         .map_err(|e| Refusal::Manifest(e.to_string()))?;
-    Ok((manifest, Digest::of(envelope.payload.as_bytes())))
+    Ok((manifest, envelope.payload_digest()))
 }
 
 /// The manifest envelope of a deploy action.

@@ -19,7 +19,7 @@ use crate::db::ReleaseInfo;
 pub const COMMAND_LIFETIME_SECS: u64 = 7 * 24 * 3600;
 
 /// The summary stored next to a release.
-pub fn summarize(manifest: &Manifest, envelope: &[u8], now: UnixSeconds) -> ReleaseInfo {
+pub fn summarize(manifest: &Manifest, envelope: &Envelope, now: UnixSeconds) -> ReleaseInfo {
     let files = manifest
         .entries
         .iter()
@@ -31,7 +31,7 @@ pub fn summarize(manifest: &Manifest, envelope: &[u8], now: UnixSeconds) -> Rele
         files,
         bytes: manifest.total_size(),
         chunks: chunk_index(manifest).len() as u64,
-        manifest_digest: Digest::of(envelope),
+        manifest_digest: envelope.payload_digest(),
         created_at: manifest.created_at,
         published_at: now,
     }
@@ -135,9 +135,10 @@ mod tests {
 
     #[test]
     fn the_summary_counts_files_bytes_and_distinct_chunks() {
-        let info = summarize(&manifest(1, 0o644), b"envelope", 9);
+        let envelope = Envelope::seal(&manifest(1, 0o644), &SigningKey::from_bytes(&[7u8; 32]));
+        let info = summarize(&manifest(1, 0o644), &envelope, 9);
         assert_eq!((info.files, info.bytes, info.chunks), (2, 10, 1));
-        assert_eq!(info.manifest_digest, Digest::of(b"envelope"));
+        assert_eq!(info.manifest_digest, envelope.payload_digest());
         assert_eq!(info.published_at, 9);
     }
 

@@ -329,7 +329,8 @@ async fn publish_release(
         return already_published(&state, &id, &manifest, &existing);
     }
 
-    let envelope = Envelope::seal(&manifest, &state.signing_key).to_bytes();
+    let sealed = Envelope::seal(&manifest, &state.signing_key);
+    let envelope = sealed.to_bytes();
     let payload_len = serde_json::to_vec(&manifest)
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
@@ -342,7 +343,7 @@ async fn publish_release(
             ),
         ));
     }
-    let info = release::summarize(&manifest, &envelope, unix_now());
+    let info = release::summarize(&manifest, &sealed, unix_now());
     match state.db.insert_release(&info, &envelope)? {
         Inserted::New => {}
         // Someone published the same id between our check and the insert.

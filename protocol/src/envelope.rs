@@ -11,6 +11,8 @@ use ed25519_dalek::{Signature as EdSignature, Signer as _, SigningKey, Verifying
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::Digest;
+
 /// A message type that travels signed, with the payload type that names it on the wire.
 pub trait Signed: Serialize + DeserializeOwned {
     const PAYLOAD_TYPE: &'static str;
@@ -169,6 +171,13 @@ impl Envelope {
             });
         }
         serde_json::from_slice(&payload).map_err(|e| EnvelopeError::BadPayload(e.to_string()))
+    }
+
+    /// The identity of what was signed: BLAKE3 over the payload exactly as carried (its
+    /// canonical base64), so every party names a manifest by the same digest, whoever
+    /// re-serializes the envelope around it.
+    pub fn payload_digest(&self) -> Digest {
+        Digest::of(self.payload.as_bytes())
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -43,7 +43,18 @@ fn release_path(broker: Broker) -> Result<()> {
         );
     }
 
-    fleet.publish(&v2, "web", "2")?;
+    let v2_dir = v2.to_str().expect("temp paths are UTF-8");
+    let published = fleet.cli(&[
+        "release",
+        "publish",
+        v2_dir,
+        "--app",
+        "web",
+        "--version",
+        "2",
+        "--json",
+    ])?;
+    let published: serde_json::Value = serde_json::from_slice(&published.stdout)?;
     fleet.rollout("web", "2")?;
     fleet.wait_all_on("web", "2", ROLLOUT)?;
     for node in &nodes {
@@ -64,6 +75,15 @@ fn release_path(broker: Broker) -> Result<()> {
         assert_tree_eq(&v2, &current);
         assert_tree_eq(&v1, &previous);
         assert_eq!(node.current_link()?, current.canonicalize()?);
+        assert_eq!(
+            status
+                .current
+                .as_ref()
+                .map(|c| c.manifest_digest.to_string()),
+            published["manifest_digest"].as_str().map(str::to_owned),
+            "{}: node and coordinator name the manifest differently",
+            node.node()
+        );
     }
     Ok(())
 }
