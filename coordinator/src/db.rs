@@ -47,7 +47,7 @@ pub struct ReleaseInfo {
     pub bytes: u64,
     /// Number of distinct chunks.
     pub chunks: u64,
-    /// BLAKE3 of the sealed manifest envelope bytes.
+    /// The manifest's identity, as agents report it (`Envelope::payload_digest`).
     pub manifest_digest: Digest,
     pub created_at: UnixSeconds,
     pub published_at: UnixSeconds,
