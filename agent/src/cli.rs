@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use protocol::messages::{NodeState, Outcome};
-use protocol::{NodeId, Topics, TrustedKeys};
+use protocol::{BrokerAddr, NodeId, Topics, TrustedKeys};
 
 use crate::daemon::Config;
 
@@ -64,35 +64,10 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Parses `mqtt://HOST[:PORT]` (port 1883 by default).
-fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let Some(rest) = url.strip_prefix("mqtt://") else {
-        bail!("broker {url:?} is not an mqtt://HOST:PORT URL");
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .with_context(|| format!("broker {url:?} has an invalid port"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        bail!("broker {url:?} names no host");
-    }
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port,
-    ))
-}
-
 impl RunArgs {
     pub fn validate(self) -> anyhow::Result<Config> {
         let node = NodeId::new(&self.node_id)?;
-        let (broker_host, broker_port) = parse_broker(&self.broker)?;
+        let broker = BrokerAddr::parse(&self.broker)?;
         let trust_bytes = std::fs::read(&self.trust)
             .with_context(|| format!("cannot read the trust file {}", self.trust.display()))?;
         let trust = TrustedKeys::from_json(&trust_bytes)
@@ -120,8 +95,7 @@ impl RunArgs {
         Ok(Config {
             data_dir: self.data,
             node,
-            broker_host,
-            broker_port,
+            broker,
             trust,
             labels,
             topics,
@@ -171,24 +145,4 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls_parse_or_explain() {
-        assert_eq!(
-            parse_broker("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
-        );
-        assert_eq!(
-            parse_broker("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert!(parse_broker("http://x:1").is_err());
-        assert!(parse_broker("mqtt://:1").is_err());
-        assert!(parse_broker("mqtt://x:notaport").is_err());
-    }
 }

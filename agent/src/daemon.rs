@@ -37,8 +37,7 @@ use crate::slots::Slots;
 pub struct Config {
     pub data_dir: PathBuf,
     pub node: NodeId,
-    pub broker_host: String,
-    pub broker_port: u16,
+    pub broker: protocol::BrokerAddr,
     pub trust: TrustedKeys,
     pub labels: BTreeMap<String, String>,
     pub topics: Topics,
@@ -97,12 +96,7 @@ pub async fn run(
             )
         })?,
     );
-    let options = link::options(
-        &config.node,
-        &config.broker_host,
-        config.broker_port,
-        &config.topics,
-    );
+    let options = link::options(&config.node, &config.broker, &config.topics);
     let (client, eventloop) = link::connect(options);
     let (link_tx, mut link_rx) = mpsc::channel(64);
     let link_task = tokio::spawn(link::drive(eventloop, link_tx));

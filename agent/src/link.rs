@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::messages::Presence;
-use protocol::{NodeId, NodeTopic, Topics};
+use protocol::{BrokerAddr, NodeId, NodeTopic, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
@@ -30,8 +30,8 @@ pub enum LinkEvent {
     },
 }
 
-pub fn options(node: &NodeId, host: &str, port: u16, topics: &Topics) -> MqttOptions {
-    let mut options = MqttOptions::new(node.as_str(), host, port);
+pub fn options(node: &NodeId, broker: &BrokerAddr, topics: &Topics) -> MqttOptions {
+    let mut options = MqttOptions::new(node.as_str(), broker.host.as_str(), broker.port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)

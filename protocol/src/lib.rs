@@ -6,6 +6,7 @@
 //! **Architecture invariant**: this crate does no I/O. It turns bytes into checked values and
 //! back; where the bytes come from is the caller's business.
 
+pub mod broker;
 pub mod digest;
 pub mod envelope;
 pub mod format;
@@ -14,6 +15,7 @@ pub mod messages;
 pub mod names;
 pub mod topics;
 
+pub use broker::BrokerAddr;
 pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, KeyId, Signed, TrustedKeys};
 pub use manifest::{ChunkRef, Entry, Manifest, ManifestError, RelPath, ReleaseKind};
