@@ -182,6 +182,13 @@ pub struct ChunkRequest {
 impl ChunkRequest {
     /// Most digests in one request; keeps the request itself small.
     pub const MAX_DIGESTS: usize = 256;
+    /// An agent asks again for a chunk that has not arrived this long after it asked (and
+    /// backs off from there while nothing arrives).
+    pub const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+    /// The coordinator publishes a chunk on the release's shared topic at most once per this
+    /// window, so nodes asking at the same moment share one frame. It must stay shorter than
+    /// [`ChunkRequest::RETRY_FIRST`], or an agent's retry would be swallowed.
+    pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 }
 
 /// One compressed chunk on the wire: a version byte, the 32-byte digest, the zstd frame.
