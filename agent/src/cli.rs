@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Cap on fetch bandwidth, in bytes per second.
     #[arg(long)]
     pub max_fetch_rate: Option<u64>,
+    /// Ignore the HTTP(S) chunk sources a release lists and fetch over MQTT only (for nodes
+    /// that can reach the broker but not the coordinator's or mirrors' HTTP).
+    #[arg(long)]
+    pub no_http: bool,
 }
 
 #[derive(Args)]
@@ -100,6 +104,7 @@ impl RunArgs {
             labels,
             topics,
             max_fetch_rate: self.max_fetch_rate,
+            use_http: !self.no_http,
         })
     }
 }

@@ -42,6 +42,8 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     pub topics: Topics,
     pub max_fetch_rate: Option<u64>,
+    /// Whether to use the HTTP(S) chunk sources a deploy lists (MQTT is always the last).
+    pub use_http: bool,
 }
 
 pub fn now() -> UnixSeconds {

@@ -45,6 +45,8 @@ pub struct AgentOptions {
     pub labels: Vec<(String, String)>,
     /// `--max-fetch-rate BYTES_PER_SEC`.
     pub max_fetch_rate: Option<u64>,
+    /// `--no-http`: fetch chunks over MQTT only.
+    pub no_http: bool,
 }
 
 /// A coordinator with its broker, and the agents started through it.
@@ -211,6 +213,9 @@ impl Fleet {
         }
         if let Some(rate) = options.max_fetch_rate {
             args.extend(["--max-fetch-rate".into(), rate.to_string().into()]);
+        }
+        if options.no_http {
+            args.push("--no-http".into());
         }
         let proc = Proc::spawn(
             &format!("agent {id}"),
