@@ -27,7 +27,7 @@ use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::fetch::{self, FetchLink, FetchNote, StageJob, StageReport};
+use crate::fetch::{self, FetchLink, FetchNote, Inbound, StageJob, StageReport};
 use crate::journal::{write_atomic, Journal};
 use crate::link::{self, LinkEvent};
 use crate::node::{self, DeployPlan, Installed, NodeState, Phase, Refusal};
@@ -57,7 +57,7 @@ pub fn now() -> UnixSeconds {
 struct Staging {
     target: Installed,
     chunk_topic: String,
-    frames: mpsc::Sender<bytes::Bytes>,
+    inbound: mpsc::Sender<Inbound>,
     task: JoinHandle<Result<StageReport, fetch::StageError>>,
     progress: Option<StagingProgress>,
     rejected: u64,
@@ -72,6 +72,7 @@ pub struct Daemon {
     client: AsyncClient,
     staging: Option<Staging>,
     notes_tx: mpsc::Sender<FetchNote>,
+    http: reqwest::Client,
 }
 
 /// Everything the run loop reacts to.
@@ -91,7 +92,7 @@ pub async fn run(
     let slots = Slots::open(&config.data_dir)
         .with_context(|| format!("cannot create slots under {}", config.data_dir.display()))?;
     let store = Arc::new(
-        ChunkStore::open(config.data_dir.join("fetch")).with_context(|| {
+        ChunkStore::open_cache(config.data_dir.join("fetch")).with_context(|| {
             format!(
                 "cannot open the fetch store under {}",
                 config.data_dir.display()
@@ -103,6 +104,7 @@ pub async fn run(
     let (link_tx, mut link_rx) = mpsc::channel(64);
     let link_task = tokio::spawn(link::drive(eventloop, link_tx));
     let (notes_tx, mut notes_rx) = mpsc::channel(64);
+    let http = fetch::http_client().context("cannot set up the HTTP client")?;
 
     let mut daemon = Daemon {
         config,
@@ -113,6 +115,7 @@ pub async fn run(
         client,
         staging: None,
         notes_tx,
+        http,
     };
     daemon.recover()?;
     tracing::info!(node = %daemon.config.node, current = ?daemon.state.current.as_ref().map(|c| c.release.to_string()), "agent started");
@@ -132,7 +135,16 @@ pub async fn run(
         match wake {
             Wake::Link(LinkEvent::Connected) => daemon.on_connected(),
             Wake::Link(LinkEvent::Message { topic, payload }) => {
-                daemon.on_message(&topic, payload)?
+                match daemon.staging.as_ref().filter(|s| s.chunk_topic == topic) {
+                    // Awaited, not dropped when full: the staging task takes frames as fast
+                    // as it verifies them and the wait flows back to the broker connection.
+                    // It never waits on this loop, and a finished task fails the send at once.
+                    Some(staging) => {
+                        let inbound = staging.inbound.clone();
+                        let _ = inbound.send(Inbound::Frame(payload)).await;
+                    }
+                    None => daemon.on_message(&topic, payload)?,
+                }
             }
             Wake::Note(note) => daemon.on_note(note),
             Wake::Staged(result) => daemon.on_staged(result)?,
@@ -169,7 +181,7 @@ impl Daemon {
                 }
                 Phase::Staging => {
                     tracing::info!(release = %target.installed.release, "resuming an interrupted staging");
-                    self.start_staging(target.installed)?;
+                    self.start_staging(target)?;
                 }
             }
         }
@@ -194,6 +206,8 @@ impl Daemon {
             let _ = self
                 .client
                 .try_subscribe(&staging.chunk_topic, QoS::AtMostOnce);
+            // If the queue is full, frames are flowing and the task is not waiting anyway.
+            let _ = staging.inbound.try_send(Inbound::Reconnected);
         }
         let presence =
             serde_json::to_vec(&messages::Presence { online: true }).expect("serializes");
@@ -207,13 +221,6 @@ impl Daemon {
     }
 
     fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> anyhow::Result<()> {
-        if let Some(staging) = &self.staging {
-            if topic == staging.chunk_topic {
-                // A full queue drops the frame; the fetcher asks again for what did not come.
-                let _ = staging.frames.try_send(payload);
-                return Ok(());
-            }
-        }
         match self.config.topics.parse_node_topic(topic) {
             Some((node, NodeTopic::Command)) if node == self.config.node => {
                 self.on_command(&payload)
@@ -255,7 +262,14 @@ impl Daemon {
         tracing::info!(seq = command.seq, %release, action = command.action.name(), "command accepted");
         self.journal.put_manifest(&digest, envelope)?;
         // Save point 1.
-        let plan = self.state.accept_deploy(command.seq, release, digest, now);
+        let sources = if self.config.use_http {
+            node::deploy_http_sources(&command)
+        } else {
+            Vec::new()
+        };
+        let plan = self
+            .state
+            .accept_deploy(command.seq, release, digest, sources, now);
         self.journal.save(&self.state)?;
         match plan {
             DeployPlan::AlreadyCurrent => {
@@ -264,7 +278,7 @@ impl Daemon {
             }
             DeployPlan::Stage(target) => {
                 self.cancel_staging();
-                self.start_staging(target.installed)?;
+                self.start_staging(target)?;
             }
         }
         Ok(())
@@ -301,7 +315,12 @@ impl Daemon {
     }
 
     /// Starts fetching and assembling `target`'s slot, reusing chunks from the installed slots.
-    fn start_staging(&mut self, target: Installed) -> anyhow::Result<()> {
+    fn start_staging(&mut self, target: node::Target) -> anyhow::Result<()> {
+        let node::Target {
+            installed: target,
+            http_sources,
+            ..
+        } = target;
         let manifest = Arc::new(self.manifest_of(&target)?);
         let slot_dir = self.slots.dir(&target.slot);
         // A crash after the slot was renamed into place but before save point 2.
@@ -337,7 +356,9 @@ impl Daemon {
 
         let chunk_topic = self.config.topics.chunks(&target.release);
         let _ = self.client.try_subscribe(&chunk_topic, QoS::AtMostOnce);
-        let (frames_tx, frames_rx) = mpsc::channel(64);
+        // Small: the staging task verifies as frames come and the rest wait in the broker
+        // connection, so this only smooths bursts.
+        let (inbound_tx, inbound_rx) = mpsc::channel(16);
         let job = StageJob {
             release: target.release.clone(),
             manifest,
@@ -345,6 +366,8 @@ impl Daemon {
             store: self.store.clone(),
             local,
             max_rate: self.config.max_fetch_rate,
+            http_sources,
+            http: self.http.clone(),
         };
         let link = FetchLink {
             client: self.client.clone(),
@@ -352,7 +375,7 @@ impl Daemon {
                 .config
                 .topics
                 .node(&self.config.node, NodeTopic::ChunkRequests),
-            frames: frames_rx,
+            inbound: inbound_rx,
             notes: self.notes_tx.clone(),
         };
         tracing::info!(release = %target.release, slot = %target.slot, "staging");
@@ -362,7 +385,7 @@ impl Daemon {
         self.staging = Some(Staging {
             target,
             chunk_topic,
-            frames: frames_tx,
+            inbound: inbound_tx,
             task: tokio::spawn(fetch::stage(job, link)),
             progress: None,
             rejected: 0,
@@ -406,7 +429,8 @@ impl Daemon {
             Ok(Ok(report)) => {
                 tracing::info!(
                     release = %staging.target.release,
-                    fetched = report.bytes_fetched_mqtt,
+                    fetched_mqtt = report.bytes_fetched_mqtt,
+                    fetched_http = report.bytes_fetched_http,
                     reused = report.bytes_reused,
                     ms = report.elapsed.as_millis() as u64,
                     "staged"
@@ -469,7 +493,7 @@ impl Daemon {
         let report = UpdateReport {
             release: target.installed.release.clone(),
             bytes_fetched_mqtt: staged.bytes_fetched_mqtt,
-            bytes_fetched_http: 0,
+            bytes_fetched_http: staged.bytes_fetched_http,
             bytes_reused: staged.bytes_reused,
             chunks_fetched: staged.chunks_fetched,
             chunks_rejected: staged.chunks_rejected,

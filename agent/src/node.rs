@@ -57,6 +57,10 @@ pub struct Target {
     pub installed: Installed,
     pub phase: Phase,
     pub started_at: UnixSeconds,
+    /// HTTP(S) base URLs the deploy listed, tried in order before MQTT; kept so a staging
+    /// resumed after a restart uses the same sources.
+    #[serde(default)]
+    pub http_sources: Vec<String>,
 }
 
 /// Everything the agent must remember across restarts. The journal stores exactly this.
@@ -150,6 +154,29 @@ pub fn open_manifest(
     Ok((manifest, envelope.payload_digest()))
 }
 
+/// Most HTTP sources taken from one deploy; more would only slow down a failing chunk.
+pub const MAX_HTTP_SOURCES: usize = 8;
+
+/// The deploy's HTTP(S) chunk sources that look usable, in order. The command is signed, so
+/// this guards against a coordinator misconfiguration, not an attacker: anything that is not
+/// an absolute http(s) URL is left out with a warning, and MQTT remains as the last resort.
+pub fn deploy_http_sources(command: &Command) -> Vec<String> {
+    let Action::Deploy { http_sources, .. } = &command.action;
+    let mut usable = Vec::new();
+    for source in http_sources {
+        let parsed = reqwest::Url::parse(source);
+        match parsed {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                if usable.len() < MAX_HTTP_SOURCES {
+                    usable.push(source.trim_end_matches('/').to_owned());
+                }
+            }
+            _ => tracing::warn!(%source, "ignoring a chunk source that is not an http(s) URL"),
+        }
+    }
+    usable
+}
+
 /// The manifest envelope of a deploy action.
 pub fn deploy_manifest(command: &Command) -> &Envelope {
     match &command.action {
@@ -165,6 +192,7 @@ impl NodeState {
         seq: u64,
         release: ReleaseId,
         manifest_digest: Digest,
+        http_sources: Vec<String>,
         now: UnixSeconds,
     ) -> DeployPlan {
         debug_assert!(seq > self.last_seq, "open_command checks the seq");
@@ -182,6 +210,7 @@ impl NodeState {
             installed: Installed::new(release, manifest_digest),
             phase: Phase::Staging,
             started_at: now,
+            http_sources,
         };
         self.target = Some(target.clone());
         DeployPlan::Stage(target)
@@ -255,7 +284,7 @@ mod tests {
         let mut s = NodeState::default();
         for (seq, v) in [(1, "1"), (2, "2"), (3, "3")] {
             let DeployPlan::Stage(t) =
-                s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0)
+                s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), vec![], 0)
             else {
                 panic!("v{v} should be staged");
             };
@@ -273,11 +302,11 @@ mod tests {
     #[test]
     fn deploying_the_current_release_again_changes_nothing_but_the_seq() {
         let mut s = NodeState::default();
-        s.accept_deploy(1, release("1"), Digest::of(b"1"), 0);
+        s.accept_deploy(1, release("1"), Digest::of(b"1"), vec![], 0);
         s.staged();
         s.switched(report("1"));
         assert_eq!(
-            s.accept_deploy(2, release("1"), Digest::of(b"1"), 0),
+            s.accept_deploy(2, release("1"), Digest::of(b"1"), vec![], 0),
             DeployPlan::AlreadyCurrent
         );
         assert_eq!(s.last_seq, 2);
@@ -288,11 +317,11 @@ mod tests {
     fn live_slots_cover_current_previous_and_target() {
         let mut s = NodeState::default();
         for (seq, v) in [(1, "1"), (2, "2")] {
-            s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), 0);
+            s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), vec![], 0);
             s.staged();
             s.switched(report(v));
         }
-        s.accept_deploy(3, release("3"), Digest::of(b"3"), 0);
+        s.accept_deploy(3, release("3"), Digest::of(b"3"), vec![], 0);
         let live: Vec<&str> = s.live_slots().collect();
         assert_eq!(live.len(), 3);
         assert!(live.iter().all(|slot| slot.starts_with("web-")));

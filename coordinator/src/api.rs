@@ -4,10 +4,11 @@
 //! ```text
 //! POST /api/chunks/missing   {"digests":[hex..]}            → {"missing":[hex..]}
 //! PUT  /api/chunks/{digest}?size=N   body: zstd frame        → {"digest":hex,"stored":bool}
-//! POST /api/releases         body: unsigned Manifest JSON    → PublishResponse
+//! POST /api/releases         PublishRequest                  → PublishResponse
 //! GET  /api/releases                                         → [ReleaseView]
 //! POST /api/rollouts         {"app","version"}               → RolloutResponse
 //! GET  /api/nodes                                            → [NodeView]
+//! GET  /api/stats                                            → StatsView
 //! GET  /chunks/{digest}      (no token)                      → the zstd frame
 //! ```
 //! Every `/api/*` call needs `Authorization: Bearer <token>`. Errors are `{"error": "..."}`.
@@ -15,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use protocol::messages::{Event, SlotReport, StagingProgress, UpdateReport};
-use protocol::{Digest, NodeId, ReleaseKind, UnixSeconds};
+use protocol::{Digest, Manifest, NodeId, ReleaseKind, UnixSeconds};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{NodeRecord, ReleaseInfo};
@@ -58,6 +59,8 @@ pub struct ReleaseView {
     pub manifest_digest: Digest,
     pub created_at: UnixSeconds,
     pub published_at: UnixSeconds,
+    /// Mirror base URLs, in the order deploy commands list them (before the coordinator).
+    pub mirrors: Vec<String>,
 }
 
 impl From<&ReleaseInfo> for ReleaseView {
@@ -73,16 +76,31 @@ impl From<&ReleaseInfo> for ReleaseView {
             manifest_digest: info.manifest_digest,
             created_at: info.created_at,
             published_at: info.published_at,
+            mirrors: info.mirrors.clone(),
         }
     }
+}
+
+/// `POST /api/releases`: the unsigned manifest (the coordinator signs it) and the release's
+/// mirrors, which are not signed and may be replaced by publishing the same content again.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PublishRequest {
+    pub manifest: Manifest,
+    /// Base URLs serving `{URL}/chunks/{digest}`, in the order agents should try them.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PublishResponse {
     #[serde(flatten)]
     pub release: ReleaseView,
-    /// False when this exact release had been published before (the call changed nothing).
+    /// False when this release had been published before with the same content.
     pub created: bool,
+    /// True when the release existed and this call replaced its mirror list (rollouts
+    /// started from now on list the new mirrors).
+    #[serde(default)]
+    pub mirrors_updated: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +117,10 @@ pub struct RolloutResponse {
     pub app: String,
     pub version: String,
     pub nodes: Vec<NodeId>,
+    /// The HTTP chunk sources the commands list, in the order agents try them (the
+    /// release's mirrors, then the coordinator); MQTT comes after them.
+    #[serde(default)]
+    pub http_sources: Vec<String>,
 }
 
 /// One node of the inventory, as reported by the node itself plus what the coordinator saw.
@@ -138,4 +160,41 @@ impl NodeView {
             last_event: record.last_event,
         }
     }
+}
+
+/// `GET /api/stats`: chunk-delivery counters since `coordinator serve` started (they reset on
+/// restart). Byte counts are payload bytes: MQTT message payloads handed to the MQTT client,
+/// HTTP response bodies handed to the HTTP server; protocol framing (MQTT, TCP, TLS, HTTP
+/// headers) is not included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// When the counters started (the coordinator's start), Unix seconds.
+    pub started_at: UnixSeconds,
+    pub uptime_secs: u64,
+    /// Chunk frames published on releases' shared chunk topics.
+    pub mqtt_frames_published: u64,
+    /// Their MQTT payload bytes: each frame's header (33 bytes) plus the zstd frame.
+    pub mqtt_frame_bytes: u64,
+    /// Messages received on nodes' chunk-request topics.
+    pub chunk_requests: u64,
+    /// Of those, requests not acted on at all: malformed, over `ChunkRequest::MAX_DIGESTS`,
+    /// or for a release that was never published.
+    pub chunk_requests_refused: u64,
+    /// Digests named in the requests acted on; the sum of the four below.
+    pub digests_requested: u64,
+    /// Digests queued to be published.
+    pub digests_queued: u64,
+    /// Digests not queued by the fan-out dedup: already queued, or published on the shared
+    /// topic less than `ChunkRequest::FANOUT_WINDOW` ago (one frame served every asker).
+    pub digests_deduped: u64,
+    /// Digests the release does not list.
+    pub digests_unknown: u64,
+    /// Digests dropped because the send queue was full (the agent asks again).
+    pub digests_dropped: u64,
+    /// `GET /chunks/{digest}` answered with the chunk.
+    pub http_chunks_served: u64,
+    /// Their body bytes (the compressed chunk files).
+    pub http_chunk_bytes: u64,
+    /// `GET /chunks/{digest}` answered 404 (no such chunk, or not a digest).
+    pub http_not_found: u64,
 }

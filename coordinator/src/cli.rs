@@ -58,6 +58,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show chunk-delivery counters since the coordinator started (MQTT frames, chunk requests
+    /// and fan-out dedup, HTTP chunks served)
+    Stats {
+        /// Print the API's JSON (GET /api/stats) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -88,6 +95,7 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCommand {
     /// Build a release image from a directory and publish it (uploads only missing chunks)
+    #[command(after_long_help = PUBLISH_MIRRORS_HELP)]
     Publish {
         /// Directory holding the release's files
         src_dir: PathBuf,
@@ -97,11 +105,33 @@ pub enum ReleaseCommand {
         version: String,
         #[arg(long, value_enum, default_value_t = Kind::App)]
         kind: Kind,
+        /// Base URL of a static mirror or CDN serving this release's chunks at
+        /// URL/chunks/DIGEST, exactly as `GET /chunks/DIGEST` of the coordinator does
+        /// (repeatable; agents try mirrors in the order given, then the coordinator, then MQTT).
+        /// Publishing the same content again replaces the list (see "Mirrors" in --help)
+        #[arg(long = "mirror", value_name = "URL")]
+        mirrors: Vec<String>,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
+    /// List published releases with their mirrors
+    List {
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+const PUBLISH_MIRRORS_HELP: &str = "\
+Mirrors:
+  A release's mirrors are not part of its signed manifest: they only say where agents may
+  fetch chunks (every chunk is verified against the manifest whatever its source). So
+  publishing a release again with the same content is allowed and replaces its mirror list
+  with the --mirror flags given this time, in their order (no --mirror clears the list).
+  Rollouts started afterwards send the new list; nodes already sent a command keep the list
+  it carried until they are sent a new one (`coordinator rollout start`). A different content
+  under the same app and version is refused: publish a new version.";
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {

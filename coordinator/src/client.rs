@@ -1,5 +1,5 @@
-//! The client commands (`release publish`, `rollout start`, `nodes`): HTTP calls to a running
-//! `coordinator serve`, and their human or JSON output.
+//! The client commands (`release publish`, `release list`, `rollout start`, `nodes`, `stats`):
+//! HTTP calls to a running `coordinator serve`, and their human or JSON output.
 //!
 //! `release publish` builds the image locally into a temporary chunk store (removed on exit),
 //! asks the coordinator which chunks it lacks and uploads only those, so publishing v2 after
@@ -13,17 +13,20 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use images::ChunkStore;
 use protocol::messages::{Outcome, SlotReport};
-use protocol::{AppName, ChunkRef, Digest, ReleaseId, ReleaseKind, UnixSeconds, Version};
+use protocol::{
+    human_bytes, AppName, ChunkRef, Digest, ReleaseId, ReleaseKind, UnixSeconds, Version,
+};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::api::{
-    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishResponse, ReleaseView,
-    RolloutRequest, RolloutResponse, StoredChunk,
+    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishRequest, PublishResponse,
+    ReleaseView, RolloutRequest, RolloutResponse, StatsView, StoredChunk,
 };
 use crate::cli::ClientArgs;
+use crate::release;
 use crate::unix_now;
 
 /// Digests per `POST /api/chunks/missing`.
@@ -150,18 +153,32 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// What `coordinator release publish` publishes.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishArgs<'a> {
+    /// Directory holding the release's files.
+    pub src: &'a Path,
+    pub app: &'a str,
+    pub version: &'a str,
+    pub kind: ReleaseKind,
+    /// `--mirror` URLs in the order given.
+    pub mirrors: &'a [String],
+}
+
 /// `coordinator release publish`.
-pub async fn publish(
-    client: &ApiClient,
-    src: &Path,
-    app: &str,
-    version: &str,
-    kind: ReleaseKind,
-    json: bool,
-) -> anyhow::Result<()> {
+pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> anyhow::Result<()> {
+    let PublishArgs {
+        src,
+        app,
+        version,
+        kind,
+        mirrors,
+    } = args;
     let app = AppName::new(app).context("invalid --app")?;
     let version = Version::new(version).context("invalid --version")?;
     let release = ReleaseId::new(app.clone(), version.clone());
+    // The coordinator checks them too; checking here fails before a possibly long build.
+    let mirrors = release::mirror_list(mirrors).context("invalid --mirror")?;
 
     // Fail on a wrong --server or token before a possibly long build.
     let _: Vec<ReleaseView> = client
@@ -238,7 +255,7 @@ pub async fn publish(
         .post_json(
             &format!("publishing release {release}"),
             "/api/releases",
-            &manifest,
+            &PublishRequest { manifest, mirrors },
         )
         .await?;
     let view = &response.release;
@@ -255,6 +272,11 @@ pub async fn publish(
     } else {
         if response.created {
             println!("published {}", view.release);
+        } else if response.mirrors_updated {
+            println!(
+                "{} was already published with the same content; its mirror list is replaced (rollouts started from now on use it)",
+                view.release
+            );
         } else {
             println!(
                 "{} was already published with the same content; nothing changed",
@@ -270,8 +292,129 @@ pub async fn publish(
             human_bytes(uploaded_bytes)
         );
         println!("  manifest  {}", view.manifest_digest);
+        println!("  mirrors   {}", mirror_summary(&view.mirrors));
     }
     Ok(())
+}
+
+/// "none", or the mirrors in order, comma-separated.
+fn mirror_summary(mirrors: &[String]) -> String {
+    if mirrors.is_empty() {
+        "none".to_owned()
+    } else {
+        mirrors.join(", ")
+    }
+}
+
+/// `coordinator release list`.
+pub async fn release_list(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value: serde_json::Value = client.get_json("listing releases", "/api/releases").await?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).context("cannot format the result")?
+        );
+        return Ok(());
+    }
+    let releases: Vec<ReleaseView> = client.get_json("listing releases", "/api/releases").await?;
+    if releases.is_empty() {
+        println!("no releases have been published yet");
+        return Ok(());
+    }
+    print!("{}", releases_table(&releases, unix_now()));
+    Ok(())
+}
+
+/// Published releases as an aligned text table.
+fn releases_table(releases: &[ReleaseView], now: UnixSeconds) -> String {
+    let header = [
+        "RELEASE",
+        "KIND",
+        "FILES",
+        "SIZE",
+        "CHUNKS",
+        "PUBLISHED",
+        "MIRRORS",
+    ];
+    let mut rows = vec![header.map(String::from)];
+    for view in releases {
+        rows.push([
+            view.release.clone(),
+            match view.kind {
+                ReleaseKind::App => "app".into(),
+                ReleaseKind::Content => "content".into(),
+            },
+            view.files.to_string(),
+            human_bytes(view.bytes),
+            view.chunks.to_string(),
+            ago(now, view.published_at),
+            if view.mirrors.is_empty() {
+                "-".into()
+            } else {
+                view.mirrors.join(", ")
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+/// `coordinator stats`.
+pub async fn stats(client: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let stats: StatsView = client
+        .get_json("reading the coordinator's counters", "/api/stats")
+        .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&stats).context("cannot format the result")?
+        );
+    } else {
+        print!("{}", stats_text(&stats));
+    }
+    Ok(())
+}
+
+/// The counters for a person: exact numbers, with sizes also in binary units.
+fn stats_text(s: &StatsView) -> String {
+    let bytes = |n: u64| format!("{n} bytes ({})", human_bytes(n));
+    let rows = [
+        [
+            "since start".to_owned(),
+            format!("{}s (started at {} Unix time)", s.uptime_secs, s.started_at),
+        ],
+        [
+            "MQTT chunk frames".to_owned(),
+            format!("{}, {}", s.mqtt_frames_published, bytes(s.mqtt_frame_bytes)),
+        ],
+        [
+            "chunk requests".to_owned(),
+            format!(
+                "{} ({} refused)",
+                s.chunk_requests, s.chunk_requests_refused
+            ),
+        ],
+        [
+            "digests requested".to_owned(),
+            format!(
+                "{}: {} queued, {} deduped by fan-out, {} unknown, {} dropped (queue full)",
+                s.digests_requested,
+                s.digests_queued,
+                s.digests_deduped,
+                s.digests_unknown,
+                s.digests_dropped
+            ),
+        ],
+        [
+            "HTTP chunks served".to_owned(),
+            format!("{}, {}", s.http_chunks_served, bytes(s.http_chunk_bytes)),
+        ],
+        ["HTTP chunk 404s".to_owned(), s.http_not_found.to_string()],
+        [
+            "chunk egress".to_owned(),
+            bytes(s.mqtt_frame_bytes + s.http_chunk_bytes),
+        ],
+    ];
+    table(&rows)
 }
 
 /// `coordinator rollout start`.
@@ -306,6 +449,10 @@ pub async fn rollout_start(
             nodes.len(),
             if nodes.len() == 1 { "" } else { "s" },
             nodes.join(", ")
+        );
+        println!(
+            "chunk sources: {}, then MQTT",
+            response.http_sources.join(", ")
         );
     }
     Ok(())
@@ -358,14 +505,19 @@ fn nodes_table(nodes: &[NodeView], now: UnixSeconds) -> String {
             node.last_seen.map_or_else(|| "-".into(), |t| ago(now, t)),
         ]);
     }
-    let mut widths = [0usize; 7];
-    for row in &rows {
+    table(&rows)
+}
+
+/// Rows as left-aligned columns two spaces apart; the first row is the header, if any.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
         for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
             if i + 1 == row.len() {
@@ -424,21 +576,6 @@ fn ago(now: UnixSeconds, then: UnixSeconds) -> String {
         3600..=86_399 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86_400),
     }
-}
-
-/// "512 B", "1.5 KiB", "3.2 MiB".
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -505,10 +642,63 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_ages_read_naturally() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    fn the_releases_table_lists_mirrors_in_order() {
+        let view = |version: &str, mirrors: &[&str]| ReleaseView {
+            release: format!("web@{version}"),
+            app: "web".into(),
+            version: version.into(),
+            kind: ReleaseKind::App,
+            files: 3,
+            bytes: 2048,
+            chunks: 2,
+            manifest_digest: Digest::of(b"m"),
+            created_at: 1,
+            published_at: 40,
+            mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+        };
+        let table = releases_table(
+            &[view("1", &[]), view("2", &["https://cdn/a", "http://m2"])],
+            100,
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("RELEASE  KIND  FILES"), "{table}");
+        assert!(lines[1].ends_with("1m ago     -"), "{table}");
+        assert!(lines[2].ends_with("https://cdn/a, http://m2"), "{table}");
+    }
+
+    #[test]
+    fn the_stats_text_gives_exact_counts_and_the_total_egress() {
+        let text = stats_text(&StatsView {
+            started_at: 1000,
+            uptime_secs: 5,
+            mqtt_frames_published: 2,
+            mqtt_frame_bytes: 2048,
+            chunk_requests: 3,
+            chunk_requests_refused: 1,
+            digests_requested: 4,
+            digests_queued: 2,
+            digests_deduped: 2,
+            digests_unknown: 0,
+            digests_dropped: 0,
+            http_chunks_served: 1,
+            http_chunk_bytes: 1024,
+            http_not_found: 7,
+        });
+        assert!(
+            text.contains("MQTT chunk frames   2, 2048 bytes (2.0 KiB)"),
+            "{text}"
+        );
+        assert!(text.contains("2 deduped by fan-out"), "{text}");
+        assert!(text.contains("HTTP chunk 404s     7"), "{text}");
+        assert!(
+            text.contains("chunk egress        3072 bytes (3.0 KiB)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ages_read_naturally() {
         assert_eq!(ago(100, 100), "0s ago");
         assert_eq!(ago(4000, 100), "1h ago");
         assert_eq!(ago(100, 200), "0s ago");

@@ -41,18 +41,75 @@ impl BrokerSpec {
     }
 }
 
-/// Checks a `--public-url` and drops a trailing `/`.
-pub fn parse_public_url(value: &str) -> anyhow::Result<String> {
+/// Longest chunk base URL accepted: every deploy command carries each one.
+pub const MAX_BASE_URL_LEN: usize = 1024;
+
+/// A chunk base URL (`--public-url`, `--mirror`) that agents could not use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a usable chunk base URL: {reason}")]
+pub struct BaseUrlError {
+    value: String,
+    reason: &'static str,
+}
+
+/// Checks an HTTP(S) base URL that agents append `/chunks/{digest}` to; returns it normalized,
+/// without trailing `/`s. The one check for every such URL: the coordinator's `--public-url` and a release's
+/// `--mirror`s.
+///
+/// Refused, beyond what is not an `http://` or `https://` URL with a host: a query or a
+/// fragment (`{base}/chunks/{digest}` would name something else), credentials (the URL is
+/// sent to nodes inside deploy commands, over the broker), spaces, control and non-ASCII
+/// characters (spell an international host name in punycode), over [`MAX_BASE_URL_LEN`] bytes.
+pub fn parse_base_url(value: &str) -> Result<String, BaseUrlError> {
+    let refuse = |reason| BaseUrlError {
+        value: value.chars().take(200).collect(),
+        reason,
+    };
     let trimmed = value.trim_end_matches('/');
-    let rest = trimmed
-        .strip_prefix("http://")
-        .or_else(|| trimmed.strip_prefix("https://"));
-    match rest {
-        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(trimmed.to_owned()),
-        _ => anyhow::bail!(
-            "invalid --public-url {value:?}: use the http:// or https:// base URL agents can reach this coordinator at"
-        ),
+    if trimmed.len() > MAX_BASE_URL_LEN {
+        return Err(refuse("longer than 1024 bytes"));
     }
+    if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(refuse(
+            "it contains spaces, control or non-ASCII characters",
+        ));
+    }
+    let Some(authority) = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+    else {
+        return Err(refuse("it must start with http:// or https://"));
+    };
+    // The URL parser would read `http:///x` as the host `x`.
+    if authority.starts_with(['/', '\\']) {
+        return Err(refuse("it has no host"));
+    }
+    let url = reqwest::Url::parse(trimmed).map_err(|_| refuse("it does not parse as a URL"))?;
+    if !matches!(url.host_str(), Some(host) if !host.is_empty()) {
+        return Err(refuse("it has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(refuse(
+            "it carries credentials, which would be sent to every node",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(refuse(
+            "it has a query or fragment; agents append /chunks/{digest} to it",
+        ));
+    }
+    // The parser's spelling (host in lower case, default port and dot segments dropped), so
+    // one base has one spelling.
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// Checks a `--public-url` (see [`parse_base_url`]) and drops a trailing `/`.
+pub fn parse_public_url(value: &str) -> anyhow::Result<String> {
+    parse_base_url(value).map_err(|error| {
+        anyhow::anyhow!(
+            "invalid --public-url: {error}; use the http:// or https:// base URL agents can reach this coordinator at"
+        )
+    })
 }
 
 /// Everything `serve` needs, checked and opened.
@@ -174,5 +231,38 @@ mod tests {
         );
         assert!(parse_public_url("ftp://c").is_err());
         assert!(parse_public_url("http://").is_err());
+    }
+
+    #[test]
+    fn base_urls_that_would_not_name_chunks_or_would_leak_secrets_are_refused() {
+        for bad in [
+            "http:///path",
+            "http://user:secret@cdn.example",
+            "http://cdn.example/x?sig=1",
+            "http://cdn.example/#frag",
+            "http://cdn example",
+            "http://cdn.example/\u{e9}",
+            "https://",
+            "cdn.example",
+        ] {
+            assert!(parse_base_url(bad).is_err(), "{bad} was accepted");
+        }
+        let long = format!("https://cdn.example/{}", "a".repeat(MAX_BASE_URL_LEN));
+        assert!(parse_base_url(&long).is_err());
+        assert_eq!(
+            parse_base_url("https://cdn.example/fleet//").expect("ok"),
+            "https://cdn.example/fleet"
+        );
+        assert_eq!(
+            parse_base_url("http://CDN.example:80/a/../fleet").expect("ok"),
+            "http://cdn.example/fleet"
+        );
+        let error = parse_public_url("ftp://c")
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("--public-url") && error.contains("\"ftp://c\""),
+            "{error}"
+        );
     }
 }

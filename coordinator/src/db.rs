@@ -8,8 +8,10 @@
 //! - `rollouts`:     rollout id (u64 big-endian) → [`RolloutRecord`]
 //! - `meta`:         `seq`, `rollout` → u64 big-endian counters
 //!
-//! Invariants: a release is inserted once and never changed (`insert_release` is atomic over
-//! both release trees). Counters only grow and are changed by compare-and-swap, so no value is
+//! Invariants: a release is inserted once (`insert_release` is atomic over both release trees)
+//! and its envelope is never changed. The one thing that may change later is the summary's
+//! mirror list ([`Db::set_release_mirrors`]): mirrors are where to fetch chunks from, not part
+//! of the signed release. Counters only grow and are changed by compare-and-swap, so no value is
 //! handed out twice. Methods here write to sled's page cache only; the caller decides when a
 //! write must be durable and calls [`Db::flush`] before acting on it (see `api.rs`).
 
@@ -51,6 +53,11 @@ pub struct ReleaseInfo {
     pub manifest_digest: Digest,
     pub created_at: UnixSeconds,
     pub published_at: UnixSeconds,
+    /// Base URLs of static mirrors serving `{base}/chunks/{digest}`, in the order agents try
+    /// them (checked by `release::mirror_list`). Replaced when the same content is published
+    /// again with another list. Absent in records written before mirrors existed.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
 }
 
 /// What the coordinator knows about one node.
@@ -202,6 +209,35 @@ impl Db {
         }
     }
 
+    /// Replaces the mirror list of a published release, by compare-and-swap so a concurrent
+    /// change is not lost. Returns the summary as stored afterwards, or `None` if there is no
+    /// such release. Not durable until [`Db::flush`].
+    pub fn set_release_mirrors(
+        &self,
+        id: &ReleaseId,
+        mirrors: &[String],
+    ) -> Result<Option<ReleaseInfo>, DbError> {
+        let key = release_key(id);
+        loop {
+            let Some(old) = self.release_info.get(&key)? else {
+                return Ok(None);
+            };
+            let mut info: ReleaseInfo = decode_json("release", &key, &old)?;
+            if info.mirrors == mirrors {
+                return Ok(Some(info));
+            }
+            info.mirrors = mirrors.to_vec();
+            let new = encode_json(&info);
+            if self
+                .release_info
+                .compare_and_swap(&key, Some(old), Some(new))?
+                .is_ok()
+            {
+                return Ok(Some(info));
+            }
+        }
+    }
+
     /// The sealed manifest envelope bytes of a release.
     pub fn release_envelope(&self, id: &ReleaseId) -> Result<Option<Vec<u8>>, DbError> {
         Ok(self.releases.get(release_key(id))?.map(|v| v.to_vec()))
@@ -313,6 +349,7 @@ mod tests {
             manifest_digest: Digest::of(b"m"),
             created_at: 1,
             published_at: 2,
+            mirrors: Vec::new(),
         }
     }
 
@@ -356,6 +393,42 @@ mod tests {
             Some(b"first".to_vec())
         );
         assert_eq!(db.releases().expect("list"), vec![info(id)]);
+    }
+
+    #[test]
+    fn only_the_mirror_list_of_a_release_changes_after_it_is_inserted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("db")).expect("open");
+        let id = rel("web", "1");
+        assert_eq!(db.set_release_mirrors(&id, &[]).expect("set"), None);
+        db.insert_release(&info(id.clone()), b"sealed")
+            .expect("insert");
+        let mirrors = vec!["https://cdn".to_owned(), "http://m".to_owned()];
+        let updated = db
+            .set_release_mirrors(&id, &mirrors)
+            .expect("set")
+            .expect("exists");
+        assert_eq!(updated.mirrors, mirrors);
+        assert_eq!(
+            db.release_info(&id).expect("get"),
+            Some(ReleaseInfo {
+                mirrors,
+                ..info(id.clone())
+            })
+        );
+        assert_eq!(
+            db.release_envelope(&id).expect("get"),
+            Some(b"sealed".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_release_summary_stored_before_mirrors_existed_reads_with_none() {
+        let mut old = serde_json::to_value(info(rel("web", "1"))).expect("json");
+        old.as_object_mut().expect("object").remove("mirrors");
+        let info: ReleaseInfo =
+            decode_json("release", b"web@1", old.to_string().as_bytes()).expect("reads");
+        assert!(info.mirrors.is_empty());
     }
 
     #[test]

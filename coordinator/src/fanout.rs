@@ -1,61 +1,126 @@
 //! Fan-out dedup for chunk frames on MQTT.
 //!
 //! Chunk frames go to a topic shared by every node staging the release, so when many nodes ask
-//! for the same chunk at once one publish serves them all. [`FanoutDedup`] remembers when each
-//! (release, digest) was last sent and admits it again only after the window has passed.
+//! for the same chunk at once one publish serves them all. [`FanoutDedup`] decides, per
+//! (release, digest), whether a request should queue the chunk:
+//! - not while it is *pending* (queued, being read, or waiting for room in the MQTT client):
+//!   the publish to come serves this asker too, however long the queue is;
+//! - not within the window after it was *published*: a node that asked at the same moment
+//!   gets that frame. The window starts when the frame is handed to the MQTT client, not when
+//!   it was queued, so a long queue cannot make a chunk go out twice. It is shorter than the
+//!   agents' first retry (`ChunkRequest::RETRY_FIRST`), so a node that missed the frame (it
+//!   subscribed just after) is served when it asks again.
 //!
-//! Pure: the caller passes `now`. Memory is bounded by pruning entries older than the window.
+//! Pure: the caller passes `now`. Memory is bounded: pending entries by the caller's queue
+//! limits (each is released by [`FanoutDedup::published`] or [`FanoutDedup::abandoned`]),
+//! recent ones by the number of frames published within one window (expired ones are dropped,
+//! oldest first, on every call).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use protocol::{Digest, ReleaseId};
 use tokio::time::Instant;
 
-/// Entries kept before old ones are pruned.
-const PRUNE_AT: usize = 4096;
+type Key = (ReleaseId, Digest);
+
+/// Whether a requested chunk should be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Queue it; it is pending until published or abandoned.
+    Queue,
+    /// Already queued and not yet published.
+    Pending,
+    /// Published less than the window ago.
+    RecentlySent,
+}
 
 #[derive(Debug)]
 pub struct FanoutDedup {
     window: Duration,
-    last_sent: HashMap<(ReleaseId, Digest), Instant>,
+    pending: HashSet<Key>,
+    /// When each chunk was last published, for those published within the window (and the
+    /// expired ones not yet pruned).
+    last_sent: HashMap<Key, Instant>,
+    /// The same publishes in time order, to prune `last_sent` oldest first. A key sent again
+    /// appears twice; only the entry matching `last_sent` removes it.
+    sent_order: VecDeque<(Instant, Key)>,
 }
 
 impl FanoutDedup {
     pub fn new(window: Duration) -> FanoutDedup {
         FanoutDedup {
             window,
+            pending: HashSet::new(),
             last_sent: HashMap::new(),
+            sent_order: VecDeque::new(),
         }
     }
 
-    /// Whether `digest` of `release` should be published at `now`; if so, records it as sent.
-    pub fn admit(&mut self, release: &ReleaseId, digest: Digest, now: Instant) -> bool {
-        if self.last_sent.len() >= PRUNE_AT {
-            let window = self.window;
-            self.last_sent
-                .retain(|_, sent| now.saturating_duration_since(*sent) < window);
-        }
+    /// Whether `digest` of `release`, asked for at `now`, should be queued; if so, it is
+    /// pending from now on.
+    pub fn admit(&mut self, release: &ReleaseId, digest: Digest, now: Instant) -> Admission {
+        self.prune(now);
         let key = (release.clone(), digest);
-        match self.last_sent.get(&key) {
-            Some(sent) if now.saturating_duration_since(*sent) < self.window => false,
-            _ => {
-                self.last_sent.insert(key, now);
-                true
+        if self.pending.contains(&key) {
+            return Admission::Pending;
+        }
+        if let Some(sent) = self.last_sent.get(&key) {
+            if now.saturating_duration_since(*sent) < self.window {
+                return Admission::RecentlySent;
+            }
+        }
+        self.pending.insert(key);
+        Admission::Queue
+    }
+
+    /// The pending chunk was handed to the MQTT client at `now`: the window starts.
+    pub fn published(&mut self, release: &ReleaseId, digest: Digest, now: Instant) {
+        self.prune(now);
+        let key = (release.clone(), digest);
+        self.pending.remove(&key);
+        self.last_sent.insert(key.clone(), now);
+        self.sent_order.push_back((now, key));
+    }
+
+    /// The pending chunk will not be published (it could not be read); the next request
+    /// queues it again.
+    pub fn abandoned(&mut self, release: &ReleaseId, digest: Digest) {
+        self.pending.remove(&(release.clone(), digest));
+    }
+
+    /// Forgets publishes older than the window.
+    fn prune(&mut self, now: Instant) {
+        while let Some((sent, _)) = self.sent_order.front() {
+            if now.saturating_duration_since(*sent) < self.window {
+                break;
+            }
+            let Some((sent, key)) = self.sent_order.pop_front() else {
+                break;
+            };
+            if self.last_sent.get(&key) == Some(&sent) {
+                self.last_sent.remove(&key);
             }
         }
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
-        self.last_sent.len()
+    fn remembered(&self) -> (usize, usize, usize) {
+        (
+            self.pending.len(),
+            self.last_sent.len(),
+            self.sent_order.len(),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::messages::ChunkRequest;
     use protocol::{AppName, Version};
+
+    const WINDOW: Duration = ChunkRequest::FANOUT_WINDOW;
 
     fn release(version: &str) -> ReleaseId {
         ReleaseId::new(
@@ -65,33 +130,99 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_asked_for_twice_within_the_window_is_sent_once() {
-        let mut dedup = FanoutDedup::new(Duration::from_secs(2));
-        let t0 = Instant::now();
-        let d = Digest::of(b"a");
-        assert!(dedup.admit(&release("1"), d, t0));
-        assert!(!dedup.admit(&release("1"), d, t0 + Duration::from_millis(1999)));
-        assert!(dedup.admit(&release("1"), d, t0 + Duration::from_secs(2)));
+    fn the_window_is_shorter_than_the_agents_first_retry() {
+        assert!(WINDOW < ChunkRequest::RETRY_FIRST);
+    }
+
+    #[test]
+    fn a_chunk_asked_for_again_while_queued_is_not_queued_twice_however_long_the_queue() {
+        let mut dedup = FanoutDedup::new(WINDOW);
+        let (r, d, t0) = (release("1"), Digest::of(b"a"), Instant::now());
+        assert_eq!(dedup.admit(&r, d, t0), Admission::Queue);
+        // Fifty nodes ask, some long after the first, while the chunk waits in the queue.
+        for i in 0..50 {
+            let at = t0 + Duration::from_millis(100 * i);
+            assert_eq!(dedup.admit(&r, d, at), Admission::Pending);
+        }
+        dedup.published(&r, d, t0 + Duration::from_secs(5));
+        assert_eq!(
+            dedup.admit(&r, d, t0 + Duration::from_secs(5) + WINDOW / 2),
+            Admission::RecentlySent
+        );
+    }
+
+    #[test]
+    fn the_window_starts_when_the_frame_is_published_and_a_later_retry_is_served() {
+        let mut dedup = FanoutDedup::new(WINDOW);
+        let (r, d, t0) = (release("1"), Digest::of(b"a"), Instant::now());
+        assert_eq!(dedup.admit(&r, d, t0), Admission::Queue);
+        let sent = t0 + Duration::from_millis(300);
+        dedup.published(&r, d, sent);
+        assert_eq!(
+            dedup.admit(&r, d, sent + WINDOW - Duration::from_millis(1)),
+            Admission::RecentlySent
+        );
+        // An agent that missed the frame asks again after RETRY_FIRST: it is sent again.
+        assert_eq!(
+            dedup.admit(&r, d, t0 + ChunkRequest::RETRY_FIRST),
+            Admission::Queue
+        );
+    }
+
+    #[test]
+    fn an_abandoned_chunk_is_queued_again_on_the_next_request() {
+        let mut dedup = FanoutDedup::new(WINDOW);
+        let (r, d, t0) = (release("1"), Digest::of(b"a"), Instant::now());
+        assert_eq!(dedup.admit(&r, d, t0), Admission::Queue);
+        dedup.abandoned(&r, d);
+        assert_eq!(dedup.admit(&r, d, t0), Admission::Queue);
     }
 
     #[test]
     fn the_window_is_per_release_and_per_digest() {
-        let mut dedup = FanoutDedup::new(Duration::from_secs(2));
+        let mut dedup = FanoutDedup::new(WINDOW);
         let t0 = Instant::now();
-        assert!(dedup.admit(&release("1"), Digest::of(b"a"), t0));
-        assert!(dedup.admit(&release("2"), Digest::of(b"a"), t0));
-        assert!(dedup.admit(&release("1"), Digest::of(b"b"), t0));
+        assert_eq!(
+            dedup.admit(&release("1"), Digest::of(b"a"), t0),
+            Admission::Queue
+        );
+        assert_eq!(
+            dedup.admit(&release("2"), Digest::of(b"a"), t0),
+            Admission::Queue
+        );
+        assert_eq!(
+            dedup.admit(&release("1"), Digest::of(b"b"), t0),
+            Admission::Queue
+        );
     }
 
     #[test]
-    fn old_entries_are_pruned_so_memory_stays_bounded() {
-        let mut dedup = FanoutDedup::new(Duration::from_secs(2));
-        let t0 = Instant::now();
-        for i in 0..PRUNE_AT as u32 {
-            assert!(dedup.admit(&release("1"), Digest::of(&i.to_le_bytes()), t0));
+    fn publishes_older_than_the_window_are_forgotten_so_memory_stays_bounded() {
+        let mut dedup = FanoutDedup::new(WINDOW);
+        let (r, t0) = (release("1"), Instant::now());
+        for i in 0..10_000u32 {
+            let d = Digest::of(&i.to_le_bytes());
+            assert_eq!(dedup.admit(&r, d, t0), Admission::Queue);
+            dedup.published(&r, d, t0);
         }
-        let later = t0 + Duration::from_secs(3);
-        assert!(dedup.admit(&release("1"), Digest::of(b"new"), later));
-        assert_eq!(dedup.len(), 1);
+        // The same chunk published twice within the window is remembered once.
+        let d = Digest::of(b"again");
+        dedup.published(&r, d, t0 + WINDOW / 2);
+        dedup.published(&r, d, t0 + WINDOW / 2 + Duration::from_millis(1));
+        assert_eq!(dedup.remembered(), (0, 10_001, 10_002));
+        // Past the first batch's window only `d` is left (both of its publishes, in order).
+        assert_eq!(
+            dedup.admit(
+                &r,
+                Digest::of(b"new"),
+                t0 + WINDOW + Duration::from_millis(1)
+            ),
+            Admission::Queue
+        );
+        assert_eq!(dedup.remembered(), (1, 1, 2));
+        assert_eq!(
+            dedup.admit(&r, d, t0 + WINDOW + Duration::from_millis(2)),
+            Admission::RecentlySent
+        );
     }
 }

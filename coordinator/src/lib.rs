@@ -8,6 +8,7 @@
 //! - [`serve`]: start-up and shutdown order of the daemon.
 //! - [`db`]: the sled trees and what each holds; [`release`]: pure release/command rules.
 //! - [`server`]: the HTTP API and chunk server; [`api`]: its JSON bodies.
+//! - [`stats`]: chunk-delivery counters shared by the server and the main loop.
 //! - [`main_loop`]: the one event loop over MQTT, HTTP requests and chunk reads;
 //!   [`mqtt`]: the rumqttc link task; [`broker`]: the embedded rumqttd; [`fanout`]: chunk dedup.
 //! - [`client`]: the client commands against a running coordinator.
@@ -28,6 +29,7 @@ pub mod mqtt;
 pub mod release;
 pub mod serve;
 pub mod server;
+pub mod stats;
 pub mod token;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -63,11 +65,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     app,
                     version,
                     kind,
+                    mirrors,
                     json,
                 },
         } => {
             let client = client::ApiClient::new(&cli.client)?;
-            client::publish(&client, &src_dir, &app, &version, kind.into(), json).await
+            let release = client::PublishArgs {
+                src: &src_dir,
+                app: &app,
+                version: &version,
+                kind: kind.into(),
+                mirrors: &mirrors,
+            };
+            client::publish(&client, release, json).await
+        }
+        Command::Release {
+            command: ReleaseCommand::List { json },
+        } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::release_list(&client, json).await
         }
         Command::Rollout {
             command: RolloutCommand::Start { app, version, json },
@@ -78,6 +94,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes { json } => {
             let client = client::ApiClient::new(&cli.client)?;
             client::nodes(&client, json).await
+        }
+        Command::Stats { json } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::stats(&client, json).await
         }
     }
 }

@@ -12,11 +12,18 @@
 //!   and re-sends every desired command retained, so a restarted broker gets them back.
 //! - Memory is bounded: queued chunk requests, chunk reads in flight and frames waiting for
 //!   rumqttc each have a cap; past it a request is dropped (the agent asks again).
+//! - A chunk is queued at most once however many nodes ask for it: from the request that
+//!   queues it until its frame is handed to rumqttc it is pending, and for
+//!   `ChunkRequest::FANOUT_WINDOW` after that it counts as just sent ([`FanoutDedup`]).
+//! - Chunk files are read and framed on the blocking pool, up to `MAX_READS` at a time and
+//!   while fewer than `MAX_FRAMES` frames are read or waiting, also while rumqttc is full,
+//!   so frames are ready the moment it makes room.
+//!
+//! Every chunk request, fan-out decision and frame handed to rumqttc is counted in [`Stats`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use images::StoreError;
 use protocol::messages::{
@@ -25,21 +32,21 @@ use protocol::messages::{
 use protocol::{ChunkRef, Digest, NodeId, NodeTopic, ReleaseId, Topics, PROTOCOL_VERSION};
 use rumqttc::{ClientError, QoS, Request, SubscribeFilter};
 use tokio::sync::mpsc;
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{self, JoinError, JoinSet};
+use tokio::time::Instant;
 
 use crate::db::{Db, NodeRecord};
-use crate::fanout::FanoutDedup;
+use crate::fanout::{Admission, FanoutDedup};
 use crate::mqtt::{Link, LinkEvent};
 use crate::release;
+use crate::stats::{DigestOutcome, Stats};
 use crate::unix_now;
 
-/// A chunk asked for again within this window is not sent again (one frame serves all).
-const FANOUT_WINDOW: Duration = Duration::from_secs(2);
 /// Chunk digests waiting to be read and sent.
 const MAX_WANTED: usize = 8192;
 /// Chunk file reads in flight.
 const MAX_READS: usize = 4;
-/// Chunk frames read or being read but not yet handed to rumqttc.
+/// Chunk frames read or being read but not yet handed to rumqttc (each up to ~260 KiB).
 const MAX_FRAMES: usize = 16;
 /// Releases whose chunk index is kept in memory.
 const MAX_CACHED_MANIFESTS: usize = 16;
@@ -51,18 +58,35 @@ pub enum ApiRequest {
     PublishCommands(Vec<NodeId>),
 }
 
-/// A finished read of one chunk file.
+/// A finished read of one chunk file, framed for the wire on the blocking pool.
 struct ChunkRead {
     release: ReleaseId,
     chunk: ChunkRef,
-    result: Result<Option<Vec<u8>>, StoreError>,
+    outcome: ReadOutcome,
+}
+
+/// What a chunk read produced.
+enum ReadOutcome {
+    /// The encoded [`ChunkFrame`].
+    Frame(Vec<u8>),
+    /// The stored file is not the size the release lists.
+    WrongSize(usize),
+    Missing,
+    Failed(StoreError),
+}
+
+/// A chunk frame waiting for room in rumqttc.
+struct PendingFrame {
+    release: ReleaseId,
+    digest: Digest,
+    payload: Vec<u8>,
 }
 
 /// Everything the loop reacts to.
 enum Event {
     Link(Option<LinkEvent>),
     Api(ApiRequest),
-    ChunkRead(Result<ChunkRead, JoinError>),
+    ChunkRead(Result<(task::Id, ChunkRead), JoinError>),
     Room,
     Shutdown,
 }
@@ -81,12 +105,15 @@ pub struct MainLoop {
     /// Chunks admitted by the fan-out dedup, waiting to be read.
     wanted: VecDeque<(ReleaseId, ChunkRef)>,
     reads: JoinSet<ChunkRead>,
-    /// Encoded frames waiting for room in rumqttc: (topic, frame).
-    frames: VecDeque<(String, Vec<u8>)>,
+    /// The chunk each read task is for, so a task that fails still releases its chunk.
+    reading: HashMap<task::Id, (ReleaseId, Digest)>,
+    /// Encoded frames waiting for room in rumqttc, in order.
+    frames: VecDeque<PendingFrame>,
     /// rumqttc's request channel was full: wait for it to make room.
     stalled: bool,
     dedup: FanoutDedup,
     manifests: HashMap<ReleaseId, Arc<HashMap<Digest, ChunkRef>>>,
+    stats: Arc<Stats>,
 }
 
 impl MainLoop {
@@ -95,6 +122,7 @@ impl MainLoop {
         chunks: images::ChunkStore,
         topics: Topics,
         client: rumqttc::AsyncClient,
+        stats: Arc<Stats>,
     ) -> MainLoop {
         MainLoop {
             db,
@@ -107,10 +135,12 @@ impl MainLoop {
             queued_commands: HashSet::new(),
             wanted: VecDeque::new(),
             reads: JoinSet::new(),
+            reading: HashMap::new(),
             frames: VecDeque::new(),
             stalled: false,
-            dedup: FanoutDedup::new(FANOUT_WINDOW),
+            dedup: FanoutDedup::new(ChunkRequest::FANOUT_WINDOW),
             manifests: HashMap::new(),
+            stats,
         }
     }
 
@@ -129,7 +159,7 @@ impl MainLoop {
                 // HTTP handlers asking for commands to be sent.
                 Some(request) = api.recv() => Event::Api(request),
                 // A chunk file read finished; its frame can be queued.
-                Some(read) = self.reads.join_next(), if !self.reads.is_empty() => Event::ChunkRead(read),
+                Some(read) = self.reads.join_next_with_id(), if !self.reads.is_empty() => Event::ChunkRead(read),
                 // rumqttc sent something, so there is room for what did not fit before.
                 () = link.room.notified(), if self.stalled => Event::Room,
                 // Ctrl-C or SIGTERM.
@@ -175,15 +205,21 @@ impl MainLoop {
         }
     }
 
-    /// Hands queued work to rumqttc while it has room, in priority order: subscriptions,
-    /// commands, chunk frames; then starts chunk reads while the frame buffer has room.
+    /// Hands queued work to rumqttc while it has room (when connected), then starts chunk
+    /// reads while the frame buffer has room.
     fn pump(&mut self) {
         self.stalled = false;
         // Nothing goes to rumqttc while disconnected: it would be discarded at the next
         // ConnAck (clean session). The outbox waits instead.
-        if !self.connected {
-            return;
+        if self.connected {
+            self.send();
         }
+        self.start_reads();
+    }
+
+    /// Hands queued work to rumqttc in priority order: subscriptions, commands, chunk frames.
+    /// Stops at the first request that does not fit and sets `stalled`.
+    fn send(&mut self) {
         if self.need_subscribe {
             let filters = [
                 NodeTopic::State,
@@ -226,35 +262,69 @@ impl MainLoop {
             self.commands.pop_front();
             self.queued_commands.remove(&node);
         }
-        while let Some((topic, frame)) = self.frames.pop_front() {
+        let now = Instant::now();
+        while let Some(PendingFrame {
+            release,
+            digest,
+            payload,
+        }) = self.frames.pop_front()
+        {
+            let bytes = payload.len();
+            let topic = self.topics.chunks(&release);
             match self
                 .client
-                .try_publish(topic, QoS::AtLeastOnce, false, frame)
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
             {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.dedup.published(&release, digest, now);
+                    self.stats.frame_published(bytes);
+                }
                 Err(ClientError::TryRequest(Request::Publish(publish)))
                 | Err(ClientError::Request(Request::Publish(publish))) => {
-                    self.frames
-                        .push_front((publish.topic, publish.payload.to_vec()));
+                    // rumqttc hands the request back: keep it first in line, uncopied.
+                    self.frames.push_front(PendingFrame {
+                        release,
+                        digest,
+                        payload: Vec::from(publish.payload),
+                    });
                     self.stalled = true;
                     return;
                 }
-                Err(_) => {
+                Err(error) => {
+                    // Only when the link task is gone, which also ends the loop.
+                    tracing::error!(%error, "cannot hand a chunk frame to the MQTT client");
+                    self.dedup.abandoned(&release, digest);
                     self.stalled = true;
                     return;
                 }
             }
         }
+    }
+
+    /// Starts reading (and framing) queued chunks on the blocking pool, within the caps.
+    fn start_reads(&mut self) {
         while self.reads.len() < MAX_READS && self.frames.len() + self.reads.len() < MAX_FRAMES {
             let Some((release, chunk)) = self.wanted.pop_front() else {
                 break;
             };
             let store = self.chunks.clone();
-            self.reads.spawn_blocking(move || ChunkRead {
-                result: store.get(&chunk.digest),
-                release,
-                chunk,
+            let key = (release.clone(), chunk.digest);
+            let task = self.reads.spawn_blocking(move || {
+                let outcome = match store.get(&chunk.digest) {
+                    Ok(Some(compressed)) if compressed.len() == chunk.zsize as usize => {
+                        ReadOutcome::Frame(ChunkFrame::encode(&chunk.digest, &compressed))
+                    }
+                    Ok(Some(compressed)) => ReadOutcome::WrongSize(compressed.len()),
+                    Ok(None) => ReadOutcome::Missing,
+                    Err(error) => ReadOutcome::Failed(error),
+                };
+                ChunkRead {
+                    release,
+                    chunk,
+                    outcome,
+                }
             });
+            self.reading.insert(task.id(), key);
         }
     }
 
@@ -381,12 +451,14 @@ impl MainLoop {
         let request: ChunkRequest = match serde_json::from_slice(payload) {
             Ok(request) => request,
             Err(error) => {
+                self.stats.chunk_request(true);
                 tracing::warn!(node = %node, %error, "ignoring a malformed chunk request");
                 return;
             }
         };
         let release = request.release;
         if request.digests.len() > ChunkRequest::MAX_DIGESTS {
+            self.stats.chunk_request(true);
             tracing::warn!(
                 node = %node, release = %release, digests = request.digests.len(),
                 limit = ChunkRequest::MAX_DIGESTS, "refusing an oversized chunk request"
@@ -394,26 +466,37 @@ impl MainLoop {
             return;
         }
         let Some(index) = self.chunk_index(&release) else {
+            self.stats.chunk_request(true);
             tracing::warn!(node = %node, release = %release, "chunk request for a release that was never published");
             return;
         };
-        let now = tokio::time::Instant::now();
+        self.stats.chunk_request(false);
+        let now = Instant::now();
         let (mut queued, mut deduped, mut unknown, mut dropped) = (0usize, 0usize, 0usize, 0usize);
         for digest in request.digests {
             let Some(chunk) = index.get(&digest) else {
                 unknown += 1;
                 continue;
             };
-            if self.wanted.len() >= MAX_WANTED {
-                dropped += 1;
-                continue;
+            match self.dedup.admit(&release, digest, now) {
+                Admission::Pending | Admission::RecentlySent => deduped += 1,
+                Admission::Queue if self.wanted.len() >= MAX_WANTED => {
+                    self.dedup.abandoned(&release, digest);
+                    dropped += 1;
+                }
+                Admission::Queue => {
+                    self.wanted.push_back((release.clone(), *chunk));
+                    queued += 1;
+                }
             }
-            if self.dedup.admit(&release, digest, now) {
-                self.wanted.push_back((release.clone(), *chunk));
-                queued += 1;
-            } else {
-                deduped += 1;
-            }
+        }
+        for (outcome, count) in [
+            (DigestOutcome::Queued, queued),
+            (DigestOutcome::Deduped, deduped),
+            (DigestOutcome::Unknown, unknown),
+            (DigestOutcome::Dropped, dropped),
+        ] {
+            self.stats.digests(outcome, count);
         }
         if unknown > 0 {
             tracing::warn!(node = %node, release = %release, unknown, "chunk request names digests the release does not list; dropped them");
@@ -452,33 +535,48 @@ impl MainLoop {
         Some(index)
     }
 
-    fn on_chunk_read(&mut self, read: Result<ChunkRead, JoinError>) {
+    fn on_chunk_read(&mut self, read: Result<(task::Id, ChunkRead), JoinError>) {
         let read = match read {
-            Ok(read) => read,
+            Ok((id, read)) => {
+                self.reading.remove(&id);
+                read
+            }
             Err(error) => {
                 tracing::error!(%error, "a chunk read task failed");
+                if let Some((release, digest)) = self.reading.remove(&error.id()) {
+                    self.dedup.abandoned(&release, digest);
+                }
                 return;
             }
         };
-        let digest = read.chunk.digest;
-        match read.result {
-            Ok(Some(compressed)) if compressed.len() == read.chunk.zsize as usize => {
-                let frame = ChunkFrame::encode(&digest, &compressed);
-                self.frames
-                    .push_back((self.topics.chunks(&read.release), frame));
+        let ChunkRead {
+            release,
+            chunk,
+            outcome,
+        } = read;
+        let digest = chunk.digest;
+        match outcome {
+            ReadOutcome::Frame(payload) => {
+                self.frames.push_back(PendingFrame {
+                    release,
+                    digest,
+                    payload,
+                });
+                return;
             }
-            Ok(Some(compressed)) => tracing::error!(
-                release = %read.release, digest = %digest, size = compressed.len(), expected = read.chunk.zsize,
+            ReadOutcome::WrongSize(size) => tracing::error!(
+                release = %release, digest = %digest, size, expected = chunk.zsize,
                 "stored chunk has the wrong size; not sending it (the chunk store may be damaged)"
             ),
-            Ok(None) => tracing::error!(
-                release = %read.release, digest = %digest,
+            ReadOutcome::Missing => tracing::error!(
+                release = %release, digest = %digest,
                 "a published release's chunk is missing from the chunk store"
             ),
-            Err(error) => {
-                tracing::error!(release = %read.release, digest = %digest, %error, "cannot read a chunk")
+            ReadOutcome::Failed(error) => {
+                tracing::error!(release = %release, digest = %digest, %error, "cannot read a chunk")
             }
         }
+        self.dedup.abandoned(&release, digest);
     }
 }
 

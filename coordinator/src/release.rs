@@ -1,5 +1,6 @@
 //! Pure release and command logic: summarising a manifest, telling whether a re-publish is the
-//! same release, reading back a stored envelope, and building a node's deploy command.
+//! same release, checking a release's mirror list, reading back a stored envelope, and
+//! building a node's deploy command (with the HTTP sources it lists, in order).
 //!
 //! No I/O and no clock: `now` is a parameter, so every rule here is tested without a database.
 
@@ -12,14 +13,62 @@ use protocol::{
     ChunkRef, Digest, Entry, Envelope, Manifest, NodeId, UnixSeconds, PROTOCOL_VERSION,
 };
 
+use crate::config::{self, BaseUrlError};
 use crate::db::ReleaseInfo;
 
 /// How long a deploy command stays valid. An agent refuses an expired command, so a node
 /// that comes back after this must be sent a fresh one.
 pub const COMMAND_LIFETIME_SECS: u64 = 7 * 24 * 3600;
 
+/// Most mirrors one release lists. Agents try them one after another for a chunk none has,
+/// so a long list only delays the fall-back to the coordinator and MQTT.
+pub const MAX_MIRRORS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorsError {
+    /// Not a source: the message already carries it.
+    #[error("{0}; give the http:// or https:// base URL that serves {{URL}}/chunks/{{digest}}")]
+    Url(BaseUrlError),
+    #[error("{0} mirrors listed; a release lists at most {MAX_MIRRORS}")]
+    TooMany(usize),
+}
+
+/// A release's mirror list as an operator gave it: each URL checked like `--public-url`
+/// ([`config::parse_base_url`]), trailing `/` dropped, duplicates removed keeping the first, the
+/// order otherwise kept (agents try mirrors in this order).
+pub fn mirror_list<S: AsRef<str>>(urls: &[S]) -> Result<Vec<String>, MirrorsError> {
+    let mut mirrors: Vec<String> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let url = config::parse_base_url(url.as_ref()).map_err(MirrorsError::Url)?;
+        if !mirrors.contains(&url) {
+            mirrors.push(url);
+        }
+    }
+    if mirrors.len() > MAX_MIRRORS {
+        return Err(MirrorsError::TooMany(mirrors.len()));
+    }
+    Ok(mirrors)
+}
+
+/// The `http_sources` of a deploy command: the release's mirrors in order, then this
+/// coordinator's public URL (unless it is already listed as a mirror). Agents try them in this
+/// order and fall back to MQTT last.
+pub fn http_sources(mirrors: &[String], public_url: &str) -> Vec<String> {
+    let mut sources = mirrors.to_vec();
+    if !sources.iter().any(|m| m == public_url) {
+        sources.push(public_url.to_owned());
+    }
+    sources
+}
+
 /// The summary stored next to a release.
-pub fn summarize(manifest: &Manifest, envelope: &Envelope, now: UnixSeconds) -> ReleaseInfo {
+pub fn summarize(
+    manifest: &Manifest,
+    envelope: &Envelope,
+    mirrors: Vec<String>,
+    now: UnixSeconds,
+) -> ReleaseInfo {
     let files = manifest
         .entries
         .iter()
@@ -34,6 +83,7 @@ pub fn summarize(manifest: &Manifest, envelope: &Envelope, now: UnixSeconds) -> 
         manifest_digest: envelope.payload_digest(),
         created_at: manifest.created_at,
         published_at: now,
+        mirrors,
     }
 }
 
@@ -136,8 +186,9 @@ mod tests {
     #[test]
     fn the_summary_counts_files_bytes_and_distinct_chunks() {
         let envelope = Envelope::seal(&manifest(1, 0o644), &SigningKey::from_bytes(&[7u8; 32]));
-        let info = summarize(&manifest(1, 0o644), &envelope, 9);
+        let info = summarize(&manifest(1, 0o644), &envelope, vec!["http://m".into()], 9);
         assert_eq!((info.files, info.bytes, info.chunks), (2, 10, 1));
+        assert_eq!(info.mirrors, ["http://m"]);
         assert_eq!(info.manifest_digest, envelope.payload_digest());
         assert_eq!(info.published_at, 9);
     }
@@ -155,5 +206,44 @@ mod tests {
         let opened: Command = Envelope::seal(&command, &key).open(&trust).expect("opens");
         assert_eq!((opened.node, opened.seq), (node, 3));
         assert!(stored_manifest(b"{}").is_err());
+    }
+
+    #[test]
+    fn mirrors_keep_their_order_lose_duplicates_and_are_checked_like_the_public_url() {
+        let mirrors = mirror_list(&[
+            "https://cdn.example/fleet/",
+            "http://m2:8080",
+            "https://cdn.example/fleet",
+        ])
+        .expect("valid");
+        assert_eq!(mirrors, ["https://cdn.example/fleet", "http://m2:8080"]);
+        assert!(matches!(
+            mirror_list(&["ftp://m"]),
+            Err(MirrorsError::Url(_))
+        ));
+        let many: Vec<String> = (0..=MAX_MIRRORS).map(|i| format!("http://m{i}")).collect();
+        assert_eq!(
+            mirror_list(&many),
+            Err(MirrorsError::TooMany(MAX_MIRRORS + 1))
+        );
+        assert_eq!(
+            mirror_list::<&str>(&[]).expect("empty"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn deploy_sources_are_the_mirrors_in_order_then_the_coordinator_once() {
+        let mirrors = vec!["https://a".to_owned(), "https://b".to_owned()];
+        assert_eq!(
+            http_sources(&mirrors, "http://c:7070"),
+            ["https://a", "https://b", "http://c:7070"]
+        );
+        let with_self = vec!["http://c:7070".to_owned(), "https://a".to_owned()];
+        assert_eq!(
+            http_sources(&with_self, "http://c:7070"),
+            ["http://c:7070", "https://a"]
+        );
+        assert_eq!(http_sources(&[], "http://c:7070"), ["http://c:7070"]);
     }
 }

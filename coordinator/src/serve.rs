@@ -19,6 +19,8 @@ use crate::config::{BrokerSpec, ServeConfig};
 use crate::main_loop::MainLoop;
 use crate::mqtt::Link;
 use crate::server::{self, AppState};
+use crate::stats::Stats;
+use crate::unix_now;
 
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
@@ -49,6 +51,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
     let mut link = Link::start(&host, port);
 
     let (to_loop, from_http) = mpsc::channel(64);
+    let stats = Arc::new(Stats::new(unix_now()));
     let state = Arc::new(AppState {
         db: config.db.clone(),
         chunks: config.chunks.clone(),
@@ -57,6 +60,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         public_url: config.public_url.clone(),
         to_loop,
         rollout_lock: Mutex::new(()),
+        stats: stats.clone(),
     });
     let (stop_http, mut http_stopped) = watch::channel(false);
     let app = server::router(state);
@@ -74,6 +78,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         config.chunks,
         config.topics,
         link.client.clone(),
+        stats,
     );
     let result = main_loop.run(&mut link, from_http, shutdown).await;
     tracing::info!("shutting down");

@@ -1,6 +1,10 @@
 //! The HTTP side of `serve`: the operator API (`/api/*`, token required) and the public chunk
 //! server (`/chunks/{digest}`). Bodies are defined in `api.rs`.
 //!
+//! `/chunks/{digest}` serves chunk files only: the path segment must parse as a digest (64
+//! lowercase hex digits) and the file read is the one the chunk store names for it, so no
+//! other file is reachable. Served chunks, their bytes and 404s are counted in [`Stats`].
+//!
 //! Save points, in order (the order is what makes a crash at any instant safe):
 //! - publish: chunks are in the store (each fsynced by `put_verified`) → the sealed release is
 //!   inserted into sled → flush → respond. A release is never visible before its chunks.
@@ -14,7 +18,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -27,12 +31,13 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::api::{
-    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishResponse, ReleaseView,
-    RolloutRequest, RolloutResponse, StoredChunk, MAX_MISSING_QUERY,
+    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishRequest, PublishResponse,
+    ReleaseView, RolloutRequest, RolloutResponse, StatsView, StoredChunk, MAX_MISSING_QUERY,
 };
-use crate::db::{Db, DbError, Inserted, RolloutRecord};
+use crate::db::{Db, DbError, Inserted, ReleaseInfo, RolloutRecord};
 use crate::main_loop::ApiRequest;
 use crate::release;
+use crate::stats::Stats;
 use crate::token::AdminToken;
 use crate::unix_now;
 
@@ -48,6 +53,8 @@ pub struct AppState {
     /// Rollouts are serialized so that for every node the newest desired command is also the
     /// last one queued for publishing.
     pub rollout_lock: Mutex<()>,
+    /// Chunk-delivery counters, shared with the main loop.
+    pub stats: Arc<Stats>,
 }
 
 type Shared = Arc<AppState>;
@@ -120,10 +127,14 @@ pub fn router(state: Shared) -> Router {
             "/api/releases",
             post(publish_release)
                 .get(list_releases)
-                .layer(DefaultBodyLimit::max(format::MAX_MANIFEST_BYTES)),
+                // The manifest plus its mirror list.
+                .layer(DefaultBodyLimit::max(
+                    format::MAX_MANIFEST_BYTES + 64 * 1024,
+                )),
         )
         .route("/api/rollouts", post(start_rollout))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
@@ -257,44 +268,77 @@ async fn put_chunk(
     }
 }
 
-/// `GET /chunks/{digest}`: the compressed chunk, for agents and mirrors. No token: agents
-/// verify every chunk against the signed manifest.
+/// `GET /chunks/{digest}` (and `HEAD`): the compressed chunk file, for agents and mirrors.
+/// No token: agents verify every chunk against the signed manifest. The file is read once, at
+/// most one byte over the largest valid chunk, and sent with its exact length.
 async fn get_chunk(
     State(state): State<Shared>,
+    method: Method,
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
-    let digest =
-        parse_digest(&digest).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.message))?;
+    let not_found = |message: String| {
+        state.stats.http_not_found();
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    };
+    // Strict: exactly 64 lowercase hex digits, so the path below is always a chunk file's.
+    // The text is not echoed back.
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return Err(not_found(
+            "not a chunk digest (64 lowercase hex digits)".to_owned(),
+        ));
+    };
     let chunks = state.chunks.clone();
-    match blocking(move || chunks.get(&digest)).await? {
-        Ok(Some(bytes)) => Ok((
-            [
-                (header::CONTENT_TYPE, "application/zstd"),
-                // Content-addressed: the bytes for a digest never change.
-                (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
-            ],
-            bytes,
-        )
-            .into_response()),
-        Ok(None) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no chunk {digest}"),
-        )),
-        Err(error) => Err(ApiError::internal(format!(
-            "cannot read chunk {digest}: {error}"
-        ))),
+    let bytes = match blocking(move || chunks.get(&digest)).await? {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Err(not_found(format!("no chunk {digest}"))),
+        Err(error) => {
+            return Err(ApiError::internal(format!(
+                "cannot read chunk {digest}: {error}"
+            )))
+        }
+    };
+    if bytes.len() > format::MAX_COMPRESSED_CHUNK_SIZE {
+        return Err(ApiError::internal(format!(
+            "stored chunk {digest} is over the size limit; not serving it (the chunk store may be damaged)"
+        )));
     }
+    if method != Method::HEAD {
+        state.stats.http_chunk_served(bytes.len());
+    }
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/zstd"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(bytes.len())),
+            // Content-addressed: the bytes for a digest never change.
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=31536000, immutable"),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
-/// `POST /api/releases`: validate, check chunks, seal and store an immutable release.
+/// `POST /api/releases`: validate, check chunks, seal and store an immutable release with its
+/// mirror list; or, for a release already published with the same content, replace its
+/// mirror list.
 async fn publish_release(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     let body = body.map_err(ApiError::body)?;
-    let manifest: Manifest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not a release manifest: {e}")))?;
+    let PublishRequest { manifest, mirrors } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"manifest\": <release manifest>, \"mirrors\": [url, ...]}}: {e}"
+        ))
+    })?;
     let id = manifest.release_id();
+    let mirrors = release::mirror_list(&mirrors)
+        .map_err(|e| ApiError::bad_request(format!("invalid mirror for release {id}: {e}")))?;
     if manifest.format != FORMAT_VERSION {
         return Err(ApiError::bad_request(format!(
             "release {id} is image format {}, this coordinator publishes format {FORMAT_VERSION}; rebuild it with a matching `coordinator`",
@@ -326,7 +370,7 @@ async fn publish_release(
     }
 
     if let Some(existing) = state.db.release_envelope(&id)? {
-        return already_published(&state, &id, &manifest, &existing);
+        return already_published(&state, &id, &manifest, &existing, &mirrors).await;
     }
 
     let sealed = Envelope::seal(&manifest, &state.signing_key);
@@ -343,32 +387,35 @@ async fn publish_release(
             ),
         ));
     }
-    let info = release::summarize(&manifest, &sealed, unix_now());
+    let info = release::summarize(&manifest, &sealed, mirrors.clone(), unix_now());
     match state.db.insert_release(&info, &envelope)? {
         Inserted::New => {}
         // Someone published the same id between our check and the insert.
         Inserted::Existing(existing) => {
-            return already_published(&state, &id, &manifest, &existing)
+            return already_published(&state, &id, &manifest, &existing, &mirrors).await
         }
     }
     state.db.flush().await?;
-    tracing::info!(release = %id, files = info.files, bytes = info.bytes, chunks = info.chunks, "release published");
+    tracing::info!(release = %id, files = info.files, bytes = info.bytes, chunks = info.chunks, mirrors = ?info.mirrors, "release published");
     Ok((
         StatusCode::CREATED,
         Json(PublishResponse {
             release: ReleaseView::from(&info),
             created: true,
+            mirrors_updated: false,
         }),
     ))
 }
 
-/// The answer when `id` exists: the same content is an idempotent success, anything else a
-/// conflict (releases are immutable).
-fn already_published(
+/// The answer when `id` exists: the same content is a success that replaces the mirror list
+/// (mirrors are not part of the signed release), anything else a conflict (releases are
+/// immutable).
+async fn already_published(
     state: &AppState,
     id: &ReleaseId,
     manifest: &Manifest,
     existing: &[u8],
+    mirrors: &[String],
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     let (_, stored) = release::stored_manifest(existing)
         .map_err(|e| ApiError::internal(format!("release {id}: {e}")))?;
@@ -378,15 +425,24 @@ fn already_published(
             format!("release {id} already exists with different content; releases are immutable: publish a new version"),
         ));
     }
+    let missing_summary = || ApiError::internal(format!("release {id} has no stored summary"));
+    let before: ReleaseInfo = state.db.release_info(id)?.ok_or_else(missing_summary)?;
     let info = state
         .db
-        .release_info(id)?
-        .ok_or_else(|| ApiError::internal(format!("release {id} has no stored summary")))?;
+        .set_release_mirrors(id, mirrors)?
+        .ok_or_else(missing_summary)?;
+    let mirrors_updated = info.mirrors != before.mirrors;
+    if mirrors_updated {
+        // Save point: the new list is durable before the operator is told it changed.
+        state.db.flush().await?;
+        tracing::info!(release = %id, from = ?before.mirrors, to = ?info.mirrors, "release mirror list replaced; new rollouts use it");
+    }
     Ok((
         StatusCode::OK,
         Json(PublishResponse {
             release: ReleaseView::from(&info),
             created: false,
+            mirrors_updated,
         }),
     ))
 }
@@ -423,6 +479,11 @@ async fn start_rollout(
     })?;
     let (manifest_envelope, _) = release::stored_manifest(&stored)
         .map_err(|e| ApiError::internal(format!("release {id}: {e}")))?;
+    let info = state
+        .db
+        .release_info(&id)?
+        .ok_or_else(|| ApiError::internal(format!("release {id} has no stored summary")))?;
+    let http_sources = release::http_sources(&info.mirrors, &state.public_url);
     let nodes: Vec<_> = state
         .db
         .nodes()?
@@ -447,7 +508,7 @@ async fn start_rollout(
             seq,
             now,
             manifest_envelope.clone(),
-            vec![state.public_url.clone()],
+            http_sources.clone(),
         );
         let sealed = Envelope::seal(&command, &state.signing_key).to_bytes();
         if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
@@ -481,6 +542,7 @@ async fn start_rollout(
             app: id.app.to_string(),
             version: id.version.to_string(),
             nodes,
+            http_sources,
         }),
     ))
 }
@@ -495,4 +557,9 @@ async fn list_nodes(State(state): State<Shared>) -> Result<Json<Vec<NodeView>>, 
             .map(|(node, record)| NodeView::new(node, record))
             .collect(),
     ))
+}
+
+/// `GET /api/stats`: chunk-delivery counters since start.
+async fn stats(State(state): State<Shared>) -> Json<StatsView> {
+    Json(state.stats.snapshot(unix_now()))
 }

@@ -2,24 +2,61 @@
 //!
 //! Invariants: a slot directory either does not exist or holds the complete image. It is built
 //! under a temp sibling name (`<slot>.partial-<pid>`), fsynced, and renamed into place; on any
-//! error the temp directory is removed. Every chunk is checked against the manifest right
-//! before it is written, whatever the [`ChunkSource`] promised, so unverified bytes never reach
-//! a slot. The manifest is validated here too, so a caller that forgot cannot be led outside
+//! error the temp directory is removed. Sources hand out chunks as [`VerifiedChunk`]s, which
+//! only [`crate::chunk`] can make and only by hashing, and each one is confirmed to be the
+//! manifest's chunk right before it is written, whatever the [`ChunkSource`] is, so unverified
+//! bytes never reach a slot and no chunk is hashed twice. The manifest is validated here too, so a caller that forgot cannot be led outside
 //! the slot by a path or a symlink.
+//!
+//! **Unchanged files are shared, not copied.** When a source offers an installed file with
+//! exactly a manifest file's chunk list and mode ([`ChunkSource::linkable`], answered by
+//! [`LocalChunks`]), that file is hard-linked into the new slot after its bytes are read back
+//! and checked chunk by chunk against the manifest; if the check or the link fails (changed
+//! bytes, another filesystem, too many links, no permission) the file is written as usual.
+//! Sharing an inode between slots is safe because slots are immutable: nothing writes to an
+//! installed slot's files, so neither slot can change the other's bytes, and a file's mode is
+//! part of what must match. Removing an old slot only drops its names.
+//!
+//! **Throughput.** Writing a file is a three-stage pipeline: the calling thread creates the
+//! tree and gets each verified chunk from the sources (for a store: read, decode, hash); a
+//! writer thread confirms each chunk is the one the manifest names and writes it; a syncer thread fsyncs each finished file, so the disk
+//! is busy while the next files are decoded. Memory stays bounded whatever the image size:
+//! at most `CHUNKS_IN_FLIGHT` (8) decoded chunks wait for the writer, and at most
+//! `FILES_IN_FLIGHT` (32) written files wait, open, for their fsync. Every file is fsynced before
+//! the directories, and the directories before the rename.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread;
 
 use protocol::manifest::MODE_MASK;
 use protocol::{ChunkRef, Digest, Entry, Manifest, ManifestError, RelPath};
 
-use crate::chunk::{self, ChunkError};
+use crate::chunk::{self, ChunkError, VerifiedChunk};
 use crate::store::{ChunkStore, StoreError};
 use crate::sync_dir;
+
+/// Decoded chunks that may wait for the writer thread (each at most
+/// [`protocol::format::MAX_CHUNK_SIZE`], so at most 2 MiB of chunk data in flight). Enough to
+/// ride out a slow write without stalling the decoder.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Written files that may wait, open, for the syncer thread: bounds open descriptors while
+/// the disk catches up.
+const FILES_IN_FLIGHT: usize = 32;
+
+/// Disk space allowed per manifest entry on top of file contents in
+/// [`slot_bytes_needed`]. Filesystems allocate in blocks (4 KiB on ext4, xfs and most
+/// others): the last block of a file is allocated whole, a directory takes at least one block,
+/// a symlink whose target does not fit in the inode takes one, and every name makes its
+/// parent directory grow. One block per entry covers each of these.
+const ENTRY_ALLOWANCE_BYTES: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,9 +81,9 @@ pub enum AssembleError {
         #[source]
         source: ChunkError,
     },
-    /// A [`ChunkSource`] broke its contract by returning bytes that do not verify.
-    /// The chunk's digest is in `source`.
-    #[error("{path}: chunk source #{source_index} returned bytes that do not verify")]
+    /// A [`ChunkSource`] broke its contract by returning another chunk than the one asked
+    /// for. The chunk's digest is in `source`.
+    #[error("{path}: chunk source #{source_index} returned another chunk than the one asked for")]
     UnverifiedChunk {
         path: RelPath,
         source_index: usize,
@@ -59,6 +96,18 @@ pub enum AssembleError {
     Store(#[from] StoreError),
 }
 
+impl AssembleError {
+    /// Whether this failed because the disk or the quota is full (in the slot or in the chunk
+    /// store): retrying will fail the same way until space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            AssembleError::Io { source, .. } => crate::disk::is_storage_full(source),
+            AssembleError::Store(error) => error.is_storage_full(),
+            _ => false,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
     move |source| AssembleError::Io {
         path: path.to_owned(),
@@ -67,17 +116,28 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
 }
 
 /// Somewhere to get chunks from: the local chunk store, files of installed slots, a network
-/// fetcher. Returns the verified uncompressed bytes, or `None` if this source lacks the chunk.
+/// fetcher.
 pub trait ChunkSource {
-    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>, AssembleError>;
+    /// The uncompressed bytes of `chunk`, verified against it, or `None` if this source
+    /// lacks it.
+    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<VerifiedChunk>, AssembleError>;
+
+    /// A file on disk holding exactly `chunks` (the same digests in the same order) with
+    /// permission bits `mode`, that [`assemble`] may hard-link into a new slot instead of
+    /// writing the file. Offer only files that are never modified in place (those of
+    /// installed slots): a link shares the inode. [`assemble`] re-reads and verifies the file
+    /// before linking it, so a wrong answer costs time, never correctness. Default: none.
+    fn linkable(&self, _chunks: &[ChunkRef], _mode: u32) -> Option<&Path> {
+        None
+    }
 }
 
 impl ChunkSource for ChunkStore {
-    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>, AssembleError> {
+    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<VerifiedChunk>, AssembleError> {
         let Some(compressed) = self.get(&chunk.digest)? else {
             return Ok(None);
         };
-        match chunk::decompress_verified(chunk, &compressed) {
+        match VerifiedChunk::decompress(chunk, &compressed) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(source) => {
                 // Left in place it would fail every later assembly and block a re-fetch.
@@ -92,12 +152,14 @@ impl ChunkSource for ChunkStore {
     }
 }
 
-/// Chunks already on disk inside installed slots, found by their manifests. Reading one
-/// re-verifies it, since a slot file could have changed since it was installed; a chunk that
-/// no longer matches is just unavailable here.
+/// Chunks and whole files already on disk inside installed slots, found by their manifests.
+/// Reading a chunk re-verifies it, since a slot file could have changed since it was
+/// installed; a chunk that no longer matches is just unavailable here. A whole file offered
+/// by [`LocalChunks::linkable`] is likewise verified by [`assemble`] before it is linked.
 #[derive(Debug, Default)]
 pub struct LocalChunks {
     by_digest: HashMap<Digest, Location>,
+    files: HashMap<FileKey, PathBuf>,
 }
 
 #[derive(Debug)]
@@ -106,14 +168,40 @@ struct Location {
     offset: u64,
 }
 
+/// A file's identity for linking: a hash of its chunk digests in order, and its permission
+/// bits. Equal keys mean equal contents (BLAKE3 is collision resistant) and equal modes, in
+/// 36 bytes whatever the file size.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct FileKey {
+    chunks: [u8; 32],
+    mode: u32,
+}
+
+impl FileKey {
+    fn new(chunks: &[ChunkRef], mode: u32) -> FileKey {
+        let mut hasher = blake3::Hasher::new();
+        for chunk in chunks {
+            hasher.update(chunk.digest.as_bytes());
+        }
+        FileKey {
+            chunks: *hasher.finalize().as_bytes(),
+            mode: mode & MODE_MASK,
+        }
+    }
+}
+
 impl LocalChunks {
-    /// Indexes the chunks of each `(slot directory, manifest)`; the first place a chunk
-    /// appears is where it will be read from.
+    /// Indexes the chunks and files of each `(slot directory, manifest)`; the first place a
+    /// chunk or file appears is where it will be read or linked from.
     pub fn index(slots: &[(PathBuf, &Manifest)]) -> LocalChunks {
         let mut by_digest = HashMap::new();
+        let mut files = HashMap::new();
         for (slot_dir, manifest) in slots {
             for entry in &manifest.entries {
-                let Entry::File { path, chunks, .. } = entry else {
+                let Entry::File {
+                    path, mode, chunks, ..
+                } = entry
+                else {
                     continue;
                 };
                 let file = slot_dir.join(path.as_str());
@@ -125,13 +213,23 @@ impl LocalChunks {
                     });
                     offset += u64::from(chunk.size);
                 }
+                files.entry(FileKey::new(chunks, *mode)).or_insert(file);
             }
         }
-        LocalChunks { by_digest }
+        LocalChunks { by_digest, files }
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
         self.by_digest.contains_key(digest)
+    }
+
+    /// The installed file whose manifest entry has exactly `chunks` (digests in order) and
+    /// permission bits `mode`, if any: a candidate for a hard link. Unverified; [`assemble`]
+    /// checks its bytes before linking.
+    pub fn linkable(&self, chunks: &[ChunkRef], mode: u32) -> Option<&Path> {
+        self.files
+            .get(&FileKey::new(chunks, mode))
+            .map(PathBuf::as_path)
     }
 
     fn read_range(location: &Location, size: u32) -> io::Result<Vec<u8>> {
@@ -144,7 +242,7 @@ impl LocalChunks {
 }
 
 impl ChunkSource for LocalChunks {
-    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>, AssembleError> {
+    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<VerifiedChunk>, AssembleError> {
         let Some(location) = self.by_digest.get(&chunk.digest) else {
             return Ok(None);
         };
@@ -160,13 +258,17 @@ impl ChunkSource for LocalChunks {
                 return Ok(None);
             }
         };
-        match chunk::verify_plain(chunk, &bytes) {
-            Ok(()) => Ok(Some(bytes)),
+        match VerifiedChunk::check(chunk, bytes) {
+            Ok(verified) => Ok(Some(verified)),
             Err(error) => {
                 tracing::warn!(digest = %chunk.digest, file = %location.file.display(), %error, "local chunk changed on disk");
                 Ok(None)
             }
         }
+    }
+
+    fn linkable(&self, chunks: &[ChunkRef], mode: u32) -> Option<&Path> {
+        LocalChunks::linkable(self, chunks, mode)
     }
 }
 
@@ -181,19 +283,44 @@ pub fn missing_chunks(manifest: &Manifest, have: impl Fn(&Digest) -> bool) -> Ve
         .collect()
 }
 
-/// What an assembly wrote, so the caller can report how much came from local data.
+/// Disk space the slot for `manifest` will take when assembled with `local` among the
+/// sources: the contents of every file that cannot be hard-linked from an installed slot,
+/// plus 4096 bytes per entry for blocks and metadata (see `ENTRY_ALLOWANCE_BYTES`). Compare it with
+/// [`crate::disk::available_space`] before staging. It assumes offered links succeed; a link
+/// that fails falls back to writing the file, needing its size more. Chunks still to be
+/// fetched need room in the chunk store as well (their `zsize`), which this does not count.
+pub fn slot_bytes_needed(manifest: &Manifest, local: &LocalChunks) -> u64 {
+    manifest.entries.iter().fold(0u64, |total, entry| {
+        let contents = match entry {
+            Entry::File {
+                mode, size, chunks, ..
+            } if local.linkable(chunks, *mode).is_none() => *size,
+            _ => 0,
+        };
+        total
+            .saturating_add(contents)
+            .saturating_add(ENTRY_ALLOWANCE_BYTES)
+    })
+}
+
+/// What an assembly did, so the caller can report how much came from local data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AssembleStats {
+    /// Regular files in the slot, written or linked.
     pub files: u64,
     /// Uncompressed bytes written to files.
     pub bytes_written: u64,
-    /// Uncompressed bytes taken from each source, indexed like the `sources` argument.
+    /// Uncompressed bytes written from each source, indexed like the `sources` argument.
     pub bytes_from: Vec<u64>,
+    /// Bytes of files hard-linked from installed slots instead of written (verified by
+    /// hash first); not counted in `bytes_written` or `bytes_from`.
+    pub bytes_linked: u64,
 }
 
 /// Writes the image `manifest` describes into `slot_dir`, which must not exist yet, taking each
-/// chunk from the first of `sources` that has it. See the module doc for the guarantees.
-/// Only one assembly per slot may run at a time: it removes stale partials of the same slot.
+/// chunk from the first of `sources` that has it and hard-linking unchanged files a source
+/// offers. See the module doc for the guarantees. Only one assembly per slot may run at a
+/// time: it removes stale partials of the same slot.
 pub fn assemble(
     manifest: &Manifest,
     slot_dir: &Path,
@@ -257,6 +384,43 @@ fn remove_stale_partials(parent: &Path, prefix: &OsString) -> Result<(), Assembl
     Ok(())
 }
 
+/// A file being written by the pipeline, shared by the messages that carry its chunks.
+struct OpenFile {
+    file: File,
+    /// Where it is on disk, for errors.
+    target: PathBuf,
+    /// Its image path, for errors.
+    path: RelPath,
+    mode: u32,
+}
+
+/// What the calling thread sends the writer thread, in file order.
+enum WriteOp {
+    /// Confirm `bytes` are `chunk` and append them to `file`.
+    Chunk {
+        file: Arc<OpenFile>,
+        chunk: ChunkRef,
+        bytes: VerifiedChunk,
+        source_index: usize,
+    },
+    /// Every chunk of `file` has been sent: set its mode and pass it on to be fsynced.
+    Finish(Arc<OpenFile>),
+}
+
+/// Why a pipeline stage stopped before the end.
+enum Stop {
+    Failed(AssembleError),
+    /// The next stage hung up, which it does only when it has failed: its error is the one
+    /// to report.
+    NextStageGone,
+}
+
+impl From<AssembleError> for Stop {
+    fn from(error: AssembleError) -> Stop {
+        Stop::Failed(error)
+    }
+}
+
 fn write_tree(
     manifest: &Manifest,
     root: &Path,
@@ -267,25 +431,35 @@ fn write_tree(
         ..AssembleStats::default()
     };
     let mut dirs = Vec::new();
-    for entry in &manifest.entries {
-        // Safe to join: validation made every path plain and relative, with only real
-        // directories (never symlinks) as parents.
-        let target = root.join(entry.path().as_str());
-        match entry {
-            Entry::Dir { mode, .. } => {
-                fs::create_dir(&target).map_err(io_err(&target))?;
-                dirs.push((target, *mode));
-            }
-            Entry::File {
-                path, mode, chunks, ..
-            } => {
-                write_file(path, &target, *mode, chunks, sources, &mut stats)?;
-                stats.files += 1;
-            }
-            Entry::Symlink { target: link, .. } => {
-                symlink(link, &target).map_err(io_err(&target))?;
-            }
+    let outcomes = thread::scope(|scope| {
+        let (to_writer, writer_inbox) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
+        let (to_syncer, syncer_inbox) = mpsc::sync_channel(FILES_IN_FLIGHT);
+        let writer = scope.spawn(move || write_files(writer_inbox, to_syncer));
+        let syncer = scope.spawn(move || sync_files(syncer_inbox));
+        let produced = produce(manifest, root, sources, &to_writer, &mut stats, &mut dirs);
+        // Closing the channel is how the writer learns there is no more work.
+        drop(to_writer);
+        let join = |handle: thread::ScopedJoinHandle<'_, Result<(), Stop>>| {
+            handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        };
+        [produced, join(writer), join(syncer)]
+    });
+    // Every stage has stopped, so the partial tree is no longer being written to and can be
+    // removed on error. A stage that only saw the next one hang up is not the cause.
+    let mut next_stage_gone = false;
+    for outcome in outcomes {
+        match outcome {
+            Ok(()) => {}
+            Err(Stop::Failed(error)) => return Err(error),
+            Err(Stop::NextStageGone) => next_stage_gone = true,
         }
+    }
+    if next_stage_gone {
+        return Err(io_err(root)(io::Error::other(
+            "assembly pipeline stopped without an error (a bug in images::assemble)",
+        )));
     }
     // Directory modes last and deepest first: a read-only directory must still accept its
     // children while they are created.
@@ -297,48 +471,214 @@ fn write_tree(
     Ok(stats)
 }
 
-/// Streams a file's chunks in order, one in memory at a time, verifying each before writing.
-fn write_file(
+/// The calling thread's stage: creates directories and symlinks, links unchanged files, and
+/// feeds every other file's chunks, in order, to the writer.
+fn produce(
+    manifest: &Manifest,
+    root: &Path,
+    sources: &[&dyn ChunkSource],
+    to_writer: &SyncSender<WriteOp>,
+    stats: &mut AssembleStats,
+    dirs: &mut Vec<(PathBuf, u32)>,
+) -> Result<(), Stop> {
+    for entry in &manifest.entries {
+        // Safe to join: validation made every path plain and relative, with only real
+        // directories (never symlinks) as parents.
+        let target = root.join(entry.path().as_str());
+        match entry {
+            Entry::Dir { mode, .. } => {
+                fs::create_dir(&target).map_err(io_err(&target))?;
+                dirs.push((target, *mode));
+            }
+            Entry::Symlink { target: link, .. } => {
+                symlink(link, &target).map_err(io_err(&target))?;
+            }
+            Entry::File {
+                path,
+                mode,
+                size,
+                chunks,
+            } => {
+                stats.files += 1;
+                if link_unchanged(path, &target, *mode, chunks, sources) {
+                    stats.bytes_linked += size;
+                    continue;
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)
+                    .map_err(io_err(&target))?;
+                let file = Arc::new(OpenFile {
+                    file,
+                    target,
+                    path: path.clone(),
+                    mode: *mode,
+                });
+                for chunk in chunks {
+                    let (source_index, bytes) = read_from_sources(path, chunk, sources)?;
+                    stats.bytes_from[source_index] += bytes.len() as u64;
+                    stats.bytes_written += bytes.len() as u64;
+                    let op = WriteOp::Chunk {
+                        file: Arc::clone(&file),
+                        chunk: *chunk,
+                        bytes,
+                        source_index,
+                    };
+                    to_writer.send(op).map_err(|_| Stop::NextStageGone)?;
+                }
+                to_writer
+                    .send(WriteOp::Finish(file))
+                    .map_err(|_| Stop::NextStageGone)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The chunk from the first source that has it, and that source's index.
+fn read_from_sources(
+    path: &RelPath,
+    chunk: &ChunkRef,
+    sources: &[&dyn ChunkSource],
+) -> Result<(usize, VerifiedChunk), AssembleError> {
+    for (index, source) in sources.iter().enumerate() {
+        if let Some(bytes) = source.read_chunk(chunk)? {
+            return Ok((index, bytes));
+        }
+    }
+    Err(AssembleError::MissingChunk {
+        path: path.clone(),
+        digest: chunk.digest,
+    })
+}
+
+/// The writer thread's stage: confirms each chunk is the manifest's right before appending it
+/// to its file.
+fn write_files(
+    inbox: Receiver<WriteOp>,
+    to_syncer: SyncSender<Arc<OpenFile>>,
+) -> Result<(), Stop> {
+    for op in inbox {
+        match op {
+            WriteOp::Chunk {
+                file,
+                chunk,
+                bytes,
+                source_index,
+            } => {
+                bytes.confirm(&chunk).map_err(|source| {
+                    AssembleError::UnverifiedChunk {
+                        path: file.path.clone(),
+                        source_index,
+                        source,
+                    }
+                })?;
+                (&file.file)
+                    .write_all(&bytes)
+                    .map_err(io_err(&file.target))?;
+            }
+            WriteOp::Finish(file) => {
+                // Only permission bits: a release cannot ask for setuid, setgid or sticky.
+                file.file
+                    .set_permissions(Permissions::from_mode(file.mode & MODE_MASK))
+                    .map_err(io_err(&file.target))?;
+                to_syncer.send(file).map_err(|_| Stop::NextStageGone)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The syncer thread's stage: makes each finished file's data durable, in order.
+fn sync_files(inbox: Receiver<Arc<OpenFile>>) -> Result<(), Stop> {
+    for file in inbox {
+        file.file.sync_all().map_err(io_err(&file.target))?;
+    }
+    Ok(())
+}
+
+/// Why an offered file was not linked; the file is written instead.
+#[derive(Debug, thiserror::Error)]
+enum NotLinked {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("it no longer matches its manifest: {0}")]
+    Changed(String),
+}
+
+/// Hard-links the file a source offers for `chunks` and `mode` to `target`, if one verifies.
+/// Returns whether it did; on `false` the file is to be written as usual.
+fn link_unchanged(
     path: &RelPath,
     target: &Path,
     mode: u32,
     chunks: &[ChunkRef],
     sources: &[&dyn ChunkSource],
-    stats: &mut AssembleStats,
-) -> Result<(), AssembleError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(target)
-        .map_err(io_err(target))?;
-    for chunk in chunks {
-        let mut found = None;
-        for (index, source) in sources.iter().enumerate() {
-            if let Some(bytes) = source.read_chunk(chunk)? {
-                found = Some((index, bytes));
-                break;
+) -> bool {
+    for source in sources {
+        let Some(installed) = source.linkable(chunks, mode) else {
+            continue;
+        };
+        match link_verified(installed, target, mode, chunks) {
+            Ok(()) => return true,
+            Err(NotLinked::Changed(why)) => {
+                tracing::warn!(%path, installed = %installed.display(), %why, "installed file changed on disk; writing it instead of linking");
+            }
+            Err(NotLinked::Io(error)) => {
+                tracing::debug!(%path, installed = %installed.display(), %error, "could not link installed file; writing it instead");
             }
         }
-        let Some((index, bytes)) = found else {
-            return Err(AssembleError::MissingChunk {
-                path: path.clone(),
-                digest: chunk.digest,
-            });
-        };
-        chunk::verify_plain(chunk, &bytes).map_err(|source| AssembleError::UnverifiedChunk {
-            path: path.clone(),
-            source_index: index,
-            source,
-        })?;
-        file.write_all(&bytes).map_err(io_err(target))?;
-        stats.bytes_from[index] += bytes.len() as u64;
-        stats.bytes_written += bytes.len() as u64;
     }
-    // Only permission bits: a release cannot ask for setuid, setgid or sticky.
-    file.set_permissions(Permissions::from_mode(mode & MODE_MASK))
-        .map_err(io_err(target))?;
-    file.sync_all().map_err(io_err(target))
+    false
+}
+
+/// Verifies that `installed` holds exactly `chunks` with permission bits `mode`, then links
+/// it to `target` and checks the new name is that same verified inode (the installed path
+/// could have been swapped for something else, even a symlink, between the two steps).
+fn link_verified(
+    installed: &Path,
+    target: &Path,
+    mode: u32,
+    chunks: &[ChunkRef],
+) -> Result<(), NotLinked> {
+    let mut file = File::open(installed)?;
+    let meta = file.metadata()?;
+    let size: u64 = chunks.iter().map(|c| u64::from(c.size)).sum();
+    if !meta.is_file() {
+        return Err(NotLinked::Changed("not a regular file".into()));
+    }
+    // All mode bits, so a file that gained setuid is not shared into a new slot.
+    let on_disk = meta.permissions().mode() & 0o7777;
+    if on_disk != mode & MODE_MASK {
+        return Err(NotLinked::Changed(format!(
+            "mode {on_disk:o}, want {:o}",
+            mode & MODE_MASK
+        )));
+    }
+    if meta.len() != size {
+        return Err(NotLinked::Changed(format!(
+            "{} bytes, want {size}",
+            meta.len()
+        )));
+    }
+    let mut buffer = Vec::new();
+    for chunk in chunks {
+        // The manifest was validated, so every size is at most one chunk.
+        buffer.resize(chunk.size as usize, 0);
+        file.read_exact(&mut buffer)?;
+        chunk::verify_plain(chunk, &buffer).map_err(|e| NotLinked::Changed(e.to_string()))?;
+    }
+    fs::hard_link(installed, target)?;
+    let linked = fs::symlink_metadata(target)?;
+    if linked.dev() != meta.dev() || linked.ino() != meta.ino() {
+        fs::remove_file(target)?;
+        return Err(NotLinked::Changed(
+            "replaced while it was being verified".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `slot_dir` holds exactly the image `manifest` describes: every file's bytes,
@@ -435,4 +775,56 @@ pub fn verify_slot(manifest: &Manifest, slot_dir: &Path) -> Result<(), AssembleE
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::fs::OpenOptions;
+
+    use rustix::io::Errno;
+
+    use super::*;
+
+    fn os_error(errno: Errno) -> io::Error {
+        io::Error::from_raw_os_error(errno.raw_os_error())
+    }
+
+    #[test]
+    fn disk_full_and_quota_errors_are_storage_full_wherever_they_are_wrapped() {
+        let path = PathBuf::from("/slots/web-1.partial-1/f");
+        // A real ENOSPC, as a write into a full slot would see it.
+        let real = OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+            .write_all(b"x")
+            .unwrap_err();
+        let full = [
+            io_err(&path)(real),
+            io_err(&path)(os_error(Errno::DQUOT)),
+            AssembleError::Store(StoreError::Io {
+                path: path.clone(),
+                source: os_error(Errno::NOSPC),
+            }),
+        ];
+        for error in &full {
+            assert!(error.is_storage_full(), "{error:?}");
+        }
+        let other = [
+            io_err(&path)(os_error(Errno::IO)),
+            AssembleError::Store(StoreError::Io {
+                path: path.clone(),
+                source: os_error(Errno::ACCESS),
+            }),
+            AssembleError::SlotExists { path },
+            AssembleError::Store(StoreError::Chunk(ChunkError::DigestMismatch {
+                expected: Digest::of(b"a"),
+                got: Digest::of(b"b"),
+            })),
+        ];
+        for error in &other {
+            assert!(!error.is_storage_full(), "{error:?}");
+        }
+    }
 }

@@ -1,15 +1,19 @@
 //! Chunk bytes: compression, and the one verification path for chunk bytes from anywhere.
 //!
-//! Invariant: bytes that leave [`decompress_verified`] or pass [`verify_plain`] are exactly
-//! the uncompressed chunk the [`ChunkRef`] names (its size and BLAKE3 digest), whoever sent
-//! them. Decoding is bounded before the digest is known: the compressed input, the zstd
+//! Invariant: bytes that leave [`decompress_verified`], pass [`verify_plain`] or are held in
+//! a [`VerifiedChunk`] are exactly the uncompressed chunk the [`ChunkRef`] names (its size
+//! and BLAKE3 digest), whoever sent them. A [`VerifiedChunk`] can only be made here, by
+//! checking, so code that takes one needs no second hash to know what it holds. Decoding is bounded before the digest is known: the compressed input, the zstd
 //! window and the decoded output all have hard limits, so a hostile frame costs at most
 //! one chunk's worth of memory.
 
-use std::io::Read;
+use std::cell::RefCell;
+use std::io;
+use std::ops::Deref;
 
 use protocol::format;
 use protocol::{ChunkRef, Digest};
+use zstd::stream::raw::{self, DParameter, InBuffer, Operation, OutBuffer};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,11 +52,79 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(data, format::ZSTD_LEVEL).expect("in-memory zstd compression cannot fail")
 }
 
+/// The uncompressed bytes of one chunk, checked against its [`ChunkRef`]. Only
+/// [`VerifiedChunk::check`] and [`VerifiedChunk::decompress`] make one, so holding one proves
+/// the bytes hash to [`VerifiedChunk::digest`]. Derefs to the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedChunk {
+    digest: Digest,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedChunk {
+    /// Checks already-uncompressed bytes (e.g. read back from an installed file).
+    pub fn check(expected: &ChunkRef, bytes: Vec<u8>) -> Result<VerifiedChunk, ChunkError> {
+        verify_plain(expected, &bytes)?;
+        Ok(VerifiedChunk {
+            digest: expected.digest,
+            bytes,
+        })
+    }
+
+    /// Decodes `compressed` within the format's limits and checks the result; see
+    /// [`decompress_verified`].
+    pub fn decompress(expected: &ChunkRef, compressed: &[u8]) -> Result<VerifiedChunk, ChunkError> {
+        let bytes = decompress_bounded(expected, compressed)?;
+        VerifiedChunk::check(expected, bytes)
+    }
+
+    /// The digest the bytes were checked against.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Whether these are the bytes `expected` names (same digest, same size), without hashing
+    /// again: for a caller that got the chunk from code it does not control.
+    pub fn confirm(&self, expected: &ChunkRef) -> Result<(), ChunkError> {
+        if self.digest != expected.digest {
+            return Err(ChunkError::DigestMismatch {
+                expected: expected.digest,
+                got: self.digest,
+            });
+        }
+        if self.bytes.len() as u64 != u64::from(expected.size) {
+            return Err(ChunkError::WrongSize {
+                digest: expected.digest,
+                expected: expected.size,
+                got: self.bytes.len() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl Deref for VerifiedChunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Decodes `compressed` and returns the chunk `expected` names, or an error saying why not.
 ///
 /// Any compressed size up to [`format::MAX_COMPRESSED_CHUNK_SIZE`] is accepted, whatever
 /// `expected.zsize` says: a mirror may have recompressed, and only the decoded bytes matter.
 pub fn decompress_verified(expected: &ChunkRef, compressed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    VerifiedChunk::decompress(expected, compressed).map(VerifiedChunk::into_bytes)
+}
+
+/// Decodes `compressed` into at most `expected.size` bytes, or says why it cannot: the
+/// bounded half of verification. The caller still has to check the digest.
+fn decompress_bounded(expected: &ChunkRef, compressed: &[u8]) -> Result<Vec<u8>, ChunkError> {
     let digest = expected.digest;
     check_claimed_size(expected)?;
     if compressed.len() > format::MAX_COMPRESSED_CHUNK_SIZE {
@@ -63,26 +135,78 @@ pub fn decompress_verified(expected: &ChunkRef, compressed: &[u8]) -> Result<Vec
             limit: format::MAX_COMPRESSED_CHUNK_SIZE as u64,
         });
     }
-    let corrupt = |source| ChunkError::Corrupt { digest, source };
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(corrupt)?;
-    // A frame that asks for a bigger window than any chunk needs is refused before zstd
-    // allocates it.
-    decoder
-        .window_log_max(format::ZSTD_WINDOW_LOG_MAX)
-        .map_err(corrupt)?;
-    // Read one byte past the expected size, never more: that is enough to tell "too long"
+    // Decode one byte past the expected size, never more: that is enough to tell "too long"
     // without letting a decompression bomb expand in memory.
-    let limit = u64::from(expected.size) + 1;
-    let mut out = Vec::with_capacity(expected.size as usize + 1);
-    decoder.take(limit).read_to_end(&mut out).map_err(corrupt)?;
-    if out.len() as u64 == limit {
+    let limit = expected.size as usize + 1;
+    let mut out = Vec::with_capacity(limit);
+    DECODER
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let decoder = match &mut *slot {
+                Some(decoder) => decoder,
+                None => slot.insert(new_decoder()?),
+            };
+            decode_bounded(decoder, compressed, limit, &mut out)
+        })
+        .map_err(|source| ChunkError::Corrupt { digest, source })?;
+    if out.len() >= limit {
         return Err(ChunkError::Oversized {
             digest,
             expected: expected.size,
         });
     }
-    verify_plain(expected, &out)?;
     Ok(out)
+}
+
+thread_local! {
+    /// One zstd decoding context per thread, reused for every chunk: setting one up costs
+    /// more than decoding a typical chunk.
+    static DECODER: RefCell<Option<raw::Decoder<'static>>> = const { RefCell::new(None) };
+}
+
+fn new_decoder() -> io::Result<raw::Decoder<'static>> {
+    let mut decoder = raw::Decoder::new()?;
+    // A frame that asks for a bigger window than any chunk needs is refused before zstd
+    // allocates it.
+    decoder.set_parameter(DParameter::WindowLogMax(format::ZSTD_WINDOW_LOG_MAX))?;
+    Ok(decoder)
+}
+
+/// Decodes the frames in `compressed` into `out` (empty, with room for `limit` bytes), and
+/// stops as soon as `limit` bytes are out. The caller tells "too long" by `out.len()`.
+/// With the whole frame in memory and room for its declared size, zstd decodes straight into
+/// `out` without a window buffer; otherwise the window is bounded by `WindowLogMax`.
+fn decode_bounded(
+    decoder: &mut raw::Decoder<'static>,
+    compressed: &[u8],
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    // Whatever a previous (perhaps failed) chunk left in the context is dropped; the
+    // parameters stay.
+    decoder.reinit()?;
+    let mut input = InBuffer::around(compressed);
+    let mut output = OutBuffer::around(out);
+    let mut in_frame = false;
+    while input.pos() < compressed.len() || in_frame {
+        let before = (input.pos(), output.pos());
+        let hint = decoder.run(&mut input, &mut output)?;
+        if output.pos() >= limit {
+            return Ok(());
+        }
+        in_frame = hint != 0;
+        if in_frame && (input.pos(), output.pos()) == before {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "incomplete zstd frame",
+            ));
+        }
+        if !in_frame {
+            // Concatenated frames decode as one chunk, as a streaming decoder would.
+            decoder.reinit()?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks already-uncompressed bytes (e.g. read back from an installed file) against `expected`.
@@ -122,7 +246,7 @@ fn check_claimed_size(expected: &ChunkRef) -> Result<(), ChunkError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::io;
+    use std::io::{self, Read};
 
     use proptest::prelude::*;
 
@@ -257,6 +381,29 @@ mod tests {
         let recompressed = other.compress(&data).unwrap();
         assert_ne!(recompressed.len() as u32, claim.zsize);
         assert_eq!(decompress_verified(&claim, &recompressed).unwrap(), data);
+    }
+
+    #[test]
+    fn the_reused_decoder_refuses_a_truncated_frame_then_decodes_the_next_chunk() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let good = compress(&data);
+        let claim = chunk_ref(&data, &good);
+        for cut in [1, good.len() / 2, good.len() - 1] {
+            assert!(
+                matches!(
+                    decompress_verified(&claim, &good[..cut]),
+                    Err(ChunkError::Corrupt { .. })
+                ),
+                "cut at {cut}"
+            );
+            // Same thread, same decoder: no state from the failed frame leaks into this one.
+            assert_eq!(decompress_verified(&claim, &good).unwrap(), data);
+        }
+        // Concatenated frames are one stream of bytes, as for any zstd decoder.
+        let (head, tail) = data.split_at(20_000);
+        let mut two_frames = compress(head);
+        two_frames.extend_from_slice(&compress(tail));
+        assert_eq!(decompress_verified(&claim, &two_frames).unwrap(), data);
     }
 
     proptest! {

@@ -4,21 +4,24 @@
 //! - [`store`]: a directory of compressed chunks named by digest, written atomically.
 //! - [`build`]: a source tree in, a validated [`protocol::Manifest`] and stored chunks out.
 //! - [`assemble`]: a manifest plus chunk sources in, a complete slot directory out (or none).
+//! - [`disk`]: free space, and telling "disk full" from other I/O errors.
 //!
 //! **Architecture invariant**: this crate is synchronous and does no networking. Bytes from
-//! elsewhere reach a slot or the store only through [`chunk::decompress_verified`] or
-//! [`chunk::verify_plain`].
+//! elsewhere reach a slot or the store only through [`chunk::decompress_verified`],
+//! [`chunk::verify_plain`] or a [`chunk::VerifiedChunk`].
 
 pub mod assemble;
 pub mod build;
 pub mod chunk;
+pub mod disk;
 pub mod store;
 
 pub use assemble::{
-    assemble, missing_chunks, verify_slot, AssembleError, AssembleStats, ChunkSource, LocalChunks,
+    assemble, missing_chunks, slot_bytes_needed, verify_slot, AssembleError, AssembleStats,
+    ChunkSource, LocalChunks,
 };
 pub use build::{build_image, BuildError};
-pub use chunk::ChunkError;
+pub use chunk::{ChunkError, VerifiedChunk};
 pub use store::{ChunkStore, StoreError};
 
 /// Fsyncs a directory, making the names created, renamed or removed in it durable.

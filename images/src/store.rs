@@ -5,9 +5,25 @@
 //! directories small for stores holding a million chunks.
 //!
 //! Invariant: a chunk file appears under its final name only by an atomic rename of a fully
-//! written, fsynced temp file in the same directory, so a crash never leaves a torn chunk.
-//! Files that go bad later (disk errors, tampering) are caught by the reader, who decodes with
-//! [`crate::chunk::decompress_verified`]; the store itself never trusts its own files.
+//! written temp file in the same directory, so no reader ever sees a half-written chunk and a
+//! writer that dies leaves only a temp file (cleaned up by the next [`ChunkStore::open`] or
+//! [`ChunkStore::open_cache`]). Files that go bad later (disk errors, tampering, a power cut)
+//! are caught by the reader, who decodes with [`crate::chunk::decompress_verified`]; the store
+//! itself never trusts its own files.
+//!
+//! Two durability modes share that one write path and differ only in fsync:
+//!
+//! - **Durable** ([`ChunkStore::open`]): the temp file is fsynced before the rename and the
+//!   directory after it, so a chunk that was put survives a power cut intact. For a store that
+//!   is the source of truth (the coordinator's).
+//! - **Cache** ([`ChunkStore::open_cache`]): no fsync per chunk, which costs about a
+//!   millisecond each. After a power cut a chunk may be missing, empty or torn under its final
+//!   name. That is safe for a store whose chunks can be fetched again (the agent's fetch
+//!   store) because nothing trusts a stored chunk: reading one through
+//!   [`crate::assemble::ChunkSource`] decodes and verifies it, and a bad one is deleted and
+//!   reported as [`crate::assemble::AssembleError::CorruptStoredChunk`] so it is fetched
+//!   again; and the slot assembled from the chunks is itself fsynced before it is renamed into
+//!   place, so durability is decided there, not here.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -36,6 +52,17 @@ pub enum StoreError {
     Chunk(#[from] ChunkError),
 }
 
+impl StoreError {
+    /// Whether this failed because the disk or the quota is full: retrying will fail the same
+    /// way until space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => crate::disk::is_storage_full(source),
+            StoreError::Chunk(_) => false,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
@@ -43,19 +70,33 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// A directory of compressed, content-addressed chunks. See the module doc for the layout.
+/// A directory of compressed, content-addressed chunks. See the module doc for the layout
+/// and the two durability modes.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     dir: PathBuf,
+    /// Whether writes are fsynced (durable mode) or not (cache mode).
+    durable: bool,
 }
 
 impl ChunkStore {
-    /// Opens (creating if needed) the store at `dir`, and deletes temp files left by writers
-    /// that crashed: those whose process is gone. A live writer's temp file is left alone.
+    /// Opens (creating if needed) the durable store at `dir`: every chunk put is on disk
+    /// before the put returns. Deletes temp files left by writers that crashed: those whose
+    /// process is gone. A live writer's temp file is left alone.
     pub fn open(dir: impl Into<PathBuf>) -> Result<ChunkStore, StoreError> {
-        let dir = dir.into();
+        ChunkStore::open_with(dir.into(), true)
+    }
+
+    /// Opens (creating if needed) the store at `dir` in cache mode: the same layout and atomic
+    /// rename as [`ChunkStore::open`], without the fsyncs. Only for chunks that can be fetched
+    /// again; the module doc says why that is safe.
+    pub fn open_cache(dir: impl Into<PathBuf>) -> Result<ChunkStore, StoreError> {
+        ChunkStore::open_with(dir.into(), false)
+    }
+
+    fn open_with(dir: PathBuf, durable: bool) -> Result<ChunkStore, StoreError> {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let store = ChunkStore { dir };
+        let store = ChunkStore { dir, durable };
         for shard in store.shards()? {
             for entry in fs::read_dir(&shard).map_err(io_err(&shard))? {
                 let entry = entry.map_err(io_err(&shard))?;
@@ -96,8 +137,12 @@ impl ChunkStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let mut bytes = Vec::new();
-        file.take(format::MAX_COMPRESSED_CHUNK_SIZE as u64 + 1)
+        let limit = format::MAX_COMPRESSED_CHUNK_SIZE as u64 + 1;
+        // Sized from the file up front (the length is only a hint, so still bounded by
+        // `take`): growing the buffer by doubling would copy each chunk several times.
+        let hint = file.metadata().map_or(0, |m| m.len()).min(limit);
+        let mut bytes = Vec::with_capacity(hint as usize);
+        file.take(limit)
             .read_to_end(&mut bytes)
             .map_err(io_err(&path))?;
         Ok(Some(bytes))
@@ -166,7 +211,8 @@ impl ChunkStore {
         let shard = path.parent().unwrap_or(&self.dir);
         match fs::create_dir(shard) {
             // A new shard is itself a directory entry that must survive a crash.
-            Ok(()) => sync_dir(&self.dir).map_err(io_err(&self.dir))?,
+            Ok(()) if self.durable => sync_dir(&self.dir).map_err(io_err(&self.dir))?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err(shard)(e)),
         }
@@ -182,16 +228,21 @@ impl ChunkStore {
                 .open(&temp)
                 .map_err(io_err(&temp))?;
             file.write_all(bytes).map_err(io_err(&temp))?;
-            // Data first, then the name: after a crash the final name holds all of it or
-            // does not exist.
-            file.sync_all().map_err(io_err(&temp))?;
+            if self.durable {
+                // Data first, then the name: after a crash the final name holds all of it or
+                // does not exist.
+                file.sync_all().map_err(io_err(&temp))?;
+            }
             fs::rename(&temp, &path).map_err(io_err(&path))
         })();
         if written.is_err() {
             let _ = fs::remove_file(&temp);
             return written;
         }
-        sync_dir(shard).map_err(io_err(shard))
+        if self.durable {
+            sync_dir(shard).map_err(io_err(shard))?;
+        }
+        Ok(())
     }
 }
 

@@ -43,6 +43,7 @@ fn a_built_image_assembles_into_a_slot_identical_to_its_source() {
     let stats = assemble(&manifest, &slot, &[&store]).unwrap();
     assert_eq!(stats.bytes_written, manifest.total_size());
     assert_eq!(stats.bytes_from, vec![manifest.total_size()]);
+    assert_eq!(stats.bytes_linked, 0);
     assert_eq!(stats.files, 5);
 
     assert_eq!(snapshot(&src), snapshot(&slot));

@@ -67,7 +67,7 @@ fn local_chunks_that_changed_on_disk_are_not_used() {
     let local = LocalChunks::index(&[(slot.clone(), &manifest)]);
     let first = *manifest.chunks().next().unwrap();
     assert_eq!(
-        local.read_chunk(&first).unwrap().unwrap(),
+        *local.read_chunk(&first).unwrap().unwrap(),
         data[..first.size as usize]
     );
     let mut tampered = data.clone();

@@ -13,8 +13,11 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{build, write};
-use images::{assemble, build_image, AssembleError, BuildError, ChunkSource, ChunkStore};
-use protocol::{AppName, ChunkRef, Entry, Manifest, ManifestError, ReleaseKind, Version};
+use images::{
+    assemble, build_image, AssembleError, BuildError, ChunkError, ChunkSource, ChunkStore,
+    VerifiedChunk,
+};
+use protocol::{AppName, ChunkRef, Digest, Entry, Manifest, ManifestError, ReleaseKind, Version};
 
 fn try_build(src: &Path, store: &ChunkStore) -> Result<Manifest, BuildError> {
     build_image(
@@ -167,12 +170,18 @@ fn a_corrupt_stored_chunk_is_detected_removed_and_never_written_into_a_slot() {
     assert!(!slot.exists());
 }
 
-/// A source that ignores its contract and hands out whatever it likes.
+/// A source that ignores its contract: whatever it is asked for, it hands out the same
+/// (genuinely verified) chunk of other bytes.
 struct LyingSource;
 
 impl ChunkSource for LyingSource {
-    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>, AssembleError> {
-        Ok(Some(vec![b'?'; chunk.size as usize]))
+    fn read_chunk(&self, chunk: &ChunkRef) -> Result<Option<VerifiedChunk>, AssembleError> {
+        let other = vec![b'?'; chunk.size as usize];
+        let claim = ChunkRef {
+            digest: Digest::of(&other),
+            ..*chunk
+        };
+        Ok(Some(VerifiedChunk::check(&claim, other).unwrap()))
     }
 }
 
@@ -188,8 +197,15 @@ fn bytes_from_a_source_that_breaks_its_contract_are_never_written() {
         assemble(&manifest, &slot, &[&LyingSource, &store]),
         Err(AssembleError::UnverifiedChunk {
             source_index: 0,
+            source: ChunkError::DigestMismatch { .. },
             ..
         })
     ));
     assert!(!slot.exists());
+    // The writer thread refused the chunk; the partial directory is gone too.
+    let left: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
 }

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod messages;
 pub mod names;
 pub mod topics;
+pub mod units;
 
 pub use broker::BrokerAddr;
 pub use digest::Digest;
@@ -21,6 +22,7 @@ pub use envelope::{Envelope, EnvelopeError, KeyId, Signed, TrustedKeys};
 pub use manifest::{ChunkRef, Entry, Manifest, ManifestError, RelPath, ReleaseKind};
 pub use names::{AppName, NameError, NodeId, ReleaseId, Version};
 pub use topics::{NodeTopic, Topics};
+pub use units::human_bytes;
 
 /// Version of this wire contract. Every message carries it; a peer refuses messages from a
 /// newer major protocol rather than guessing at their meaning.
