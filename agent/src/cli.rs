@@ -142,6 +142,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         let outcome = match &u.outcome {
             Outcome::Switched => "switched".to_owned(),
             Outcome::Failed { reason } => format!("failed: {reason}"),
+            Outcome::RolledBack { reason } => format!("rolled back: {reason}"),
         };
         println!("last      {}  {outcome}", u.release);
         println!(

@@ -250,7 +250,10 @@ impl Daemon {
                 return Ok(());
             }
         };
-        let envelope = node::deploy_manifest(&command);
+        let Some(envelope) = node::deploy_manifest(&command) else {
+            tracing::info!(seq = command.seq, action = command.action.name(), "command accepted");
+            return self.roll_back(Some(command.seq), "asked by the operator".to_owned());
+        };
         let (manifest, digest) = match node::open_manifest(envelope, &self.config.trust) {
             Ok(opened) => opened,
             Err(refusal) => {
@@ -468,6 +471,7 @@ impl Daemon {
                 reason: reason.clone(),
             },
             finished_at: now(),
+            app_output: Vec::new(),
         };
         self.state.failed(report);
         self.journal.save(&self.state)?;
@@ -501,6 +505,7 @@ impl Daemon {
             switch_ms: started.elapsed().as_millis() as u64,
             outcome: Outcome::Switched,
             finished_at: now(),
+            app_output: Vec::new(),
         };
         self.state.switched(report);
         self.journal.save(&self.state)?;
@@ -508,6 +513,55 @@ impl Daemon {
         self.event(EventKind::Switched {
             release: target.installed.release,
             from,
+        });
+        self.collect_garbage();
+        self.report();
+        Ok(())
+    }
+
+    /// Returns to the previous version: save point first (the journal names the previous
+    /// version as current), then the pointer. Needs no download: the slot is on disk.
+    fn roll_back(&mut self, seq: Option<u64>, reason: String) -> anyhow::Result<()> {
+        let started = Instant::now();
+        self.cancel_staging();
+        let from = self.state.current.as_ref().map(|c| c.release.clone());
+        if let Err(refusal) = self.state.roll_back(seq) {
+            self.journal.save(&self.state)?;
+            self.reject("rollback", &refusal);
+            self.report();
+            return Ok(());
+        }
+        self.journal.save(&self.state)?;
+        let current = self
+            .state
+            .current
+            .clone()
+            .context("a rollback always leaves a current version")?;
+        self.slots
+            .activate(&current.slot)
+            .with_context(|| format!("cannot point current at slot {}", current.slot))?;
+        let report = UpdateReport {
+            release: current.release.clone(),
+            bytes_fetched_mqtt: 0,
+            bytes_fetched_http: 0,
+            bytes_reused: 0,
+            chunks_fetched: 0,
+            chunks_rejected: 0,
+            staging_ms: 0,
+            switch_ms: started.elapsed().as_millis() as u64,
+            outcome: Outcome::RolledBack {
+                reason: reason.clone(),
+            },
+            finished_at: now(),
+            app_output: Vec::new(),
+        };
+        self.state.finished(report);
+        self.journal.save(&self.state)?;
+        tracing::info!(release = %current.release, from = ?from.as_ref().map(|r| r.to_string()), %reason, "rolled back");
+        self.event(EventKind::RolledBack {
+            release: current.release,
+            from,
+            reason,
         });
         self.collect_garbage();
         self.report();

@@ -10,6 +10,7 @@
 //! - [`daemon`]: the run loop tying them together.
 //! - [`cli`]: arguments, validation, `status`.
 
+pub mod app;
 pub mod cli;
 pub mod daemon;
 pub mod fetch;

@@ -94,6 +94,8 @@ pub enum Refusal {
     Replay { seq: u64, last_seq: u64 },
     #[error("manifest refused: {0}")]
     Manifest(String),
+    #[error("there is no previous version to roll back to")]
+    NoPrevious,
 }
 
 /// What the agent should do about an accepted deploy.
@@ -161,7 +163,9 @@ pub const MAX_HTTP_SOURCES: usize = 8;
 /// this guards against a coordinator misconfiguration, not an attacker: anything that is not
 /// an absolute http(s) URL is left out with a warning, and MQTT remains as the last resort.
 pub fn deploy_http_sources(command: &Command) -> Vec<String> {
-    let Action::Deploy { http_sources, .. } = &command.action;
+    let Action::Deploy { http_sources, .. } = &command.action else {
+        return Vec::new();
+    };
     let mut usable = Vec::new();
     for source in http_sources {
         let parsed = reqwest::Url::parse(source);
@@ -178,9 +182,10 @@ pub fn deploy_http_sources(command: &Command) -> Vec<String> {
 }
 
 /// The manifest envelope of a deploy action.
-pub fn deploy_manifest(command: &Command) -> &Envelope {
+pub fn deploy_manifest(command: &Command) -> Option<&Envelope> {
     match &command.action {
-        Action::Deploy { manifest, .. } => manifest,
+        Action::Deploy { manifest, .. } => Some(manifest),
+        Action::Rollback {} => None,
     }
 }
 
@@ -241,6 +246,30 @@ impl NodeState {
         self.last_update = Some(report);
     }
 
+    /// Returns to the previous version (asked by an operator, or after the current one failed
+    /// its probation): previous and current swap, so the version left behind can be returned
+    /// to in turn, and any unfinished deploy is dropped. `seq` is the rollback command's, or
+    /// `None` when the agent decides by itself.
+    /// The command's seq is consumed even when refused, so its retained copy is not refused
+    /// again at every reconnect.
+    pub fn roll_back(&mut self, seq: Option<u64>) -> Result<(), Refusal> {
+        if let Some(seq) = seq {
+            debug_assert!(seq > self.last_seq, "open_command checks the seq");
+            self.last_seq = seq;
+        }
+        let Some(previous) = self.previous.take() else {
+            return Err(Refusal::NoPrevious);
+        };
+        self.target = None;
+        self.previous = self.current.replace(previous);
+        Ok(())
+    }
+
+    /// Records how the last update or rollback ended.
+    pub fn finished(&mut self, report: UpdateReport) {
+        self.last_update = Some(report);
+    }
+
     /// Slot directories that must be kept: current, previous and the target.
     pub fn live_slots(&self) -> impl Iterator<Item = &str> {
         [
@@ -276,7 +305,36 @@ mod tests {
             switch_ms: 0,
             outcome: Outcome::Switched,
             finished_at: 0,
+            app_output: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_rollback_swaps_current_and_previous_and_drops_an_unfinished_deploy() {
+        let mut s = NodeState::default();
+        for (seq, v) in [(1, "1"), (2, "2")] {
+            s.accept_deploy(seq, release(v), Digest::of(v.as_bytes()), vec![], 0);
+            s.staged();
+            s.switched(report(v));
+        }
+        s.accept_deploy(3, release("3"), Digest::of(b"3"), vec![], 0);
+        s.roll_back(Some(4)).expect("has a previous version");
+        assert_eq!(s.current.as_ref().map(|c| c.release.clone()), Some(release("1")));
+        assert_eq!(s.previous.as_ref().map(|c| c.release.clone()), Some(release("2")));
+        assert_eq!(s.target, None);
+        assert_eq!(s.last_seq, 4);
+        // And back again: the version left behind stays one rollback away.
+        s.roll_back(None).expect("has a previous version");
+        assert_eq!(s.current.as_ref().map(|c| c.release.clone()), Some(release("2")));
+        assert_eq!(s.last_seq, 4);
+    }
+
+    #[test]
+    fn a_rollback_without_a_previous_version_is_refused_but_its_seq_is_used() {
+        let mut s = NodeState::default();
+        assert_eq!(s.roll_back(Some(7)), Err(Refusal::NoPrevious));
+        assert_eq!(s.last_seq, 7);
+        assert_eq!(s.current, None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! GET  /api/releases                                         → [ReleaseView]
 //! POST /api/rollouts         {"app","version"}               → RolloutResponse
 //! GET  /api/nodes                                            → [NodeView]
+//! POST /api/nodes/rollback   {"nodes":[id..]}                → NodeRollbackResponse
 //! GET  /api/stats                                            → StatsView
 //! GET  /chunks/{digest}      (no token)                      → the zstd frame
 //! ```
@@ -16,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use protocol::messages::{Event, SlotReport, StagingProgress, UpdateReport};
-use protocol::{Digest, Manifest, NodeId, ReleaseKind, UnixSeconds};
+use protocol::{Digest, Manifest, NodeId, ReleaseId, ReleaseKind, RunSpec, UnixSeconds};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{NodeRecord, ReleaseInfo};
@@ -61,6 +62,10 @@ pub struct ReleaseView {
     pub published_at: UnixSeconds,
     /// Mirror base URLs, in the order deploy commands list them (before the coordinator).
     pub mirrors: Vec<String>,
+    /// How the release runs on a node (the signed `[run]` section of its `release.toml`);
+    /// `null` for a files-only release.
+    #[serde(default)]
+    pub run: Option<RunSpec>,
 }
 
 impl From<&ReleaseInfo> for ReleaseView {
@@ -77,6 +82,7 @@ impl From<&ReleaseInfo> for ReleaseView {
             created_at: info.created_at,
             published_at: info.published_at,
             mirrors: info.mirrors.clone(),
+            run: info.run.clone(),
         }
     }
 }
@@ -121,6 +127,31 @@ pub struct RolloutResponse {
     /// release's mirrors, then the coordinator); MQTT comes after them.
     #[serde(default)]
     pub http_sources: Vec<String>,
+}
+
+/// `POST /api/nodes/rollback`: send these nodes back to their previous version. Names are
+/// plain strings so that an invalid one is refused with a message naming it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeRollbackRequest {
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeRollbackResponse {
+    /// One entry per node, in the order asked (duplicates dropped).
+    pub nodes: Vec<RollbackSent>,
+}
+
+/// A rollback command stored and handed to the broker for one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackSent {
+    pub node: NodeId,
+    /// The command's seq: above every command sent before, so a later rollout supersedes it.
+    pub seq: u64,
+    /// The node's current version as it last reported it.
+    pub from: Option<ReleaseId>,
+    /// The previous version it last reported: the one it goes back to.
+    pub to: ReleaseId,
 }
 
 /// One node of the inventory, as reported by the node itself plus what the coordinator saw.

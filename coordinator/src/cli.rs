@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Act on single nodes
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Show the fleet inventory: versions, last update, last seen
     Nodes {
         /// Print the API's JSON instead of a table
@@ -95,9 +100,10 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCommand {
     /// Build a release image from a directory and publish it (uploads only missing chunks)
-    #[command(after_long_help = PUBLISH_MIRRORS_HELP)]
+    #[command(after_long_help = PUBLISH_LONG_HELP)]
     Publish {
-        /// Directory holding the release's files
+        /// Directory holding the release's files, and optionally SRC_DIR/release.toml saying
+        /// how the release runs (see "release.toml" in --help)
         src_dir: PathBuf,
         #[arg(long)]
         app: String,
@@ -123,7 +129,29 @@ pub enum ReleaseCommand {
     },
 }
 
-const PUBLISH_MIRRORS_HELP: &str = "\
+const PUBLISH_LONG_HELP: &str = "\
+release.toml:
+  If SRC_DIR/release.toml exists, its [run] table says how the release runs on a node and is
+  signed into the manifest (the file also ships as a file of the release). No file, or no
+  [run] table, is a files-only release: the switch flips the pointer and runs nothing.
+  Unknown keys are refused. Example:
+
+    [run]
+    command = \"bin/server\"          # a program in the release, or an absolute path
+    args = [\"--verbose\"]
+    env = { RUST_LOG = \"info\" }
+    port_env = \"PORT\"               # carries the private port the agent assigns
+    start_timeout_secs = 30
+    probation_secs = 10
+    grace_secs = 30
+    stop_timeout_secs = 10
+    [run.health]                      # at most one of http, tcp, command; none: TCP connect
+    http = \"/healthz\"
+    interval_ms = 500
+    timeout_ms = 2000
+    [run.front_door]                  # exactly one of [run.front_door] and [run.hooks]
+    listen = \"0.0.0.0:8080\"
+
 Mirrors:
   A release's mirrors are not part of its signed manifest: they only say where agents may
   fetch chunks (every chunk is verified against the manifest whatever its source). So
@@ -132,6 +160,20 @@ Mirrors:
   Rollouts started afterwards send the new list; nodes already sent a command keep the list
   it carried until they are sent a new one (`coordinator rollout start`). A different content
   under the same app and version is refused: publish a new version.";
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Send nodes back to their previous version at once, with no download. All or nothing:
+    /// if a node is unknown or has no previous version, no node is sent anything
+    Rollback {
+        /// Node ids, as `coordinator nodes` lists them
+        #[arg(required = true, value_name = "NODE")]
+        nodes: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
@@ -191,5 +233,38 @@ mod tests {
         .expect("parses");
         assert_eq!(cli.client.server, "http://a:1");
         assert_eq!(cli.client.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn the_release_toml_example_in_the_help_is_a_valid_file() {
+        let example = PUBLISH_LONG_HELP
+            .split_once("Example:\n")
+            .and_then(|(_, rest)| rest.split_once("\nMirrors:"))
+            .map(|(example, _)| example)
+            .expect("the help has the example before Mirrors");
+        let text: String = example
+            .lines()
+            .map(|line| format!("{}\n", line.trim_start()))
+            .collect();
+        let file = crate::release_file::parse(std::path::Path::new("help"), &text)
+            .expect("the example parses and validates");
+        assert_eq!(file.run.expect("a run section").command, "bin/server");
+    }
+
+    #[test]
+    fn node_rollback_takes_one_or_more_nodes() {
+        let cli = Cli::try_parse_from(["coordinator", "node", "rollback", "n1", "n2", "--json"])
+            .expect("parses");
+        let Command::Node {
+            command: NodeCommand::Rollback { nodes, json },
+        } = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(
+            (nodes.as_slice(), json),
+            (["n1".to_owned(), "n2".to_owned()].as_slice(), true)
+        );
+        assert!(Cli::try_parse_from(["coordinator", "node", "rollback"]).is_err());
     }
 }

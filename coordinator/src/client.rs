@@ -1,9 +1,12 @@
-//! The client commands (`release publish`, `release list`, `rollout start`, `nodes`, `stats`):
-//! HTTP calls to a running `coordinator serve`, and their human or JSON output.
+//! The client commands (`release publish`, `release list`, `rollout start`, `node rollback`,
+//! `nodes`, `stats`): HTTP calls to a running `coordinator serve`, and their human or JSON
+//! output.
 //!
-//! `release publish` builds the image locally into a temporary chunk store (removed on exit),
-//! asks the coordinator which chunks it lacks and uploads only those, so publishing v2 after
-//! v1 moves about what changed. Output goes to stdout; errors are returned, never printed.
+//! `release publish` reads and checks `SRC/release.toml` first, builds the image locally into
+//! a temporary chunk store (removed on exit), asks the coordinator which chunks it lacks and
+//! uploads only those, so publishing v2 after v1 moves about what changed. A bad
+//! `release.toml` fails before anything is uploaded. Output goes to stdout; errors are
+//! returned, never printed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,7 +17,7 @@ use anyhow::{anyhow, bail, Context as _};
 use images::ChunkStore;
 use protocol::messages::{Outcome, SlotReport};
 use protocol::{
-    human_bytes, AppName, ChunkRef, Digest, ReleaseId, ReleaseKind, UnixSeconds, Version,
+    human_bytes, AppName, ChunkRef, Digest, ReleaseId, ReleaseKind, RunSpec, UnixSeconds, Version,
 };
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -22,12 +25,13 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::api::{
-    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishRequest, PublishResponse,
-    ReleaseView, RolloutRequest, RolloutResponse, StatsView, StoredChunk,
+    ErrorBody, MissingRequest, MissingResponse, NodeRollbackRequest, NodeRollbackResponse,
+    NodeView, PublishRequest, PublishResponse, ReleaseView, RolloutRequest, RolloutResponse,
+    StatsView, StoredChunk,
 };
 use crate::cli::ClientArgs;
-use crate::release;
 use crate::unix_now;
+use crate::{release, release_file};
 
 /// Digests per `POST /api/chunks/missing`.
 const MISSING_BATCH: usize = 4096;
@@ -179,6 +183,8 @@ pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> a
     let release = ReleaseId::new(app.clone(), version.clone());
     // The coordinator checks them too; checking here fails before a possibly long build.
     let mirrors = release::mirror_list(mirrors).context("invalid --mirror")?;
+    // Its errors name the file, the key and the line: nothing to add.
+    let release_file = release_file::read(src).map_err(anyhow::Error::new)?;
 
     // Fail on a wrong --server or token before a possibly long build.
     let _: Vec<ReleaseView> = client
@@ -191,7 +197,7 @@ pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> a
         .context("cannot create a temporary directory for the image build")?;
     let store = ChunkStore::open(temp.path().join("chunks"))
         .context("cannot create a temporary chunk store")?;
-    let manifest = {
+    let mut manifest = {
         let (source, store) = (src.to_owned(), store.clone());
         tokio::task::spawn_blocking(move || {
             images::build_image(&source, app, version, kind, &store)
@@ -207,6 +213,9 @@ pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> a
             )
         })?
     };
+    manifest.run = release_file.run;
+    release::check_run_command(&manifest)
+        .map_err(|error| anyhow!("{}: {error}", src.join(release_file::FILE_NAME).display()))?;
 
     let chunks: BTreeMap<Digest, ChunkRef> = manifest.chunks().map(|c| (c.digest, *c)).collect();
     let digests: Vec<Digest> = chunks.keys().copied().collect();
@@ -292,6 +301,7 @@ pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> a
             human_bytes(uploaded_bytes)
         );
         println!("  manifest  {}", view.manifest_digest);
+        println!("  runs      {}", run_summary(view.run.as_ref()));
         println!("  mirrors   {}", mirror_summary(&view.mirrors));
     }
     Ok(())
@@ -303,6 +313,20 @@ fn mirror_summary(mirrors: &[String]) -> String {
         "none".to_owned()
     } else {
         mirrors.join(", ")
+    }
+}
+
+/// How a release runs, in a few words: "bin/server, front door 0.0.0.0:8080",
+/// "bin/server, traffic by hooks", or "files only".
+fn run_summary(run: Option<&RunSpec>) -> String {
+    let Some(run) = run else {
+        return "files only".to_owned();
+    };
+    match (&run.front_door, &run.hooks) {
+        (Some(door), _) => format!("{}, front door {}", run.command, door.listen),
+        (None, Some(_)) => format!("{}, traffic by hooks", run.command),
+        // Not a valid spec (the coordinator refuses it); say what is there.
+        (None, None) => run.command.clone(),
     }
 }
 
@@ -333,6 +357,7 @@ fn releases_table(releases: &[ReleaseView], now: UnixSeconds) -> String {
         "FILES",
         "SIZE",
         "CHUNKS",
+        "RUNS",
         "PUBLISHED",
         "MIRRORS",
     ];
@@ -347,6 +372,7 @@ fn releases_table(releases: &[ReleaseView], now: UnixSeconds) -> String {
             view.files.to_string(),
             human_bytes(view.bytes),
             view.chunks.to_string(),
+            run_summary(view.run.as_ref()),
             ago(now, view.published_at),
             if view.mirrors.is_empty() {
                 "-".into()
@@ -458,6 +484,38 @@ pub async fn rollout_start(
     Ok(())
 }
 
+/// `coordinator node rollback NODE...`.
+pub async fn node_rollback(client: &ApiClient, nodes: &[String], json: bool) -> anyhow::Result<()> {
+    let response: NodeRollbackResponse = client
+        .post_json(
+            &format!("rolling back {}", nodes.join(", ")),
+            "/api/nodes/rollback",
+            &NodeRollbackRequest {
+                nodes: nodes.to_vec(),
+            },
+        )
+        .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response).context("cannot format the result")?
+        );
+    } else {
+        for sent in &response.nodes {
+            let from = sent
+                .from
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string);
+            println!(
+                "{}: rollback sent (seq {}), {from} → {} as last reported",
+                sent.node, sent.seq, sent.to
+            );
+        }
+        println!("the outcome shows in `coordinator nodes` (LAST UPDATE) once each node reports");
+    }
+    Ok(())
+}
+
 /// `coordinator nodes`.
 pub async fn nodes(client: &ApiClient, json: bool) -> anyhow::Result<()> {
     if json {
@@ -554,16 +612,28 @@ fn last_update(node: &NodeView) -> String {
         return "-".into();
     };
     let fetched = human_bytes(update.bytes_fetched_mqtt + update.bytes_fetched_http);
+    let short = |reason: &str| {
+        if reason.chars().count() > 40 {
+            format!("{}…", reason.chars().take(39).collect::<String>())
+        } else {
+            reason.to_owned()
+        }
+    };
     match &update.outcome {
         Outcome::Switched => format!("switched {}, {fetched} fetched", update.release),
         Outcome::Failed { reason } => {
-            let reason = if reason.chars().count() > 40 {
-                format!("{}…", reason.chars().take(39).collect::<String>())
-            } else {
-                reason.clone()
-            };
-            format!("failed {} ({reason}), {fetched} fetched", update.release)
+            format!(
+                "failed {} ({}), {fetched} fetched",
+                update.release,
+                short(reason)
+            )
         }
+        Outcome::RolledBack { reason } => format!(
+            "rolled back to {} in {} ms ({})",
+            update.release,
+            update.switch_ms,
+            short(reason)
+        ),
     }
 }
 
@@ -616,6 +686,7 @@ mod tests {
                 switch_ms: 1,
                 outcome: Outcome::Switched,
                 finished_at: 90,
+                app_output: Vec::new(),
             }),
             last_seq: Some(1),
             last_seen: Some(95),
@@ -642,6 +713,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rolled_back_node_shows_the_outcome_and_its_time() {
+        let mut node = view("n1");
+        if let Some(update) = node.last_update.as_mut() {
+            update.release = rel("1");
+            update.switch_ms = 4;
+            update.outcome = Outcome::RolledBack {
+                reason: "asked by an operator".into(),
+            };
+        }
+        let table = nodes_table(&[node], 100);
+        assert!(
+            table.contains("rolled back to web@1 in 4 ms (asked by an operator)"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn the_releases_table_lists_mirrors_in_order() {
         let view = |version: &str, mirrors: &[&str]| ReleaseView {
             release: format!("web@{version}"),
@@ -655,6 +743,7 @@ mod tests {
             created_at: 1,
             published_at: 40,
             mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+            run: None,
         };
         let table = releases_table(
             &[view("1", &[]), view("2", &["https://cdn/a", "http://m2"])],
@@ -665,6 +754,29 @@ mod tests {
         assert!(lines[0].starts_with("RELEASE  KIND  FILES"), "{table}");
         assert!(lines[1].ends_with("1m ago     -"), "{table}");
         assert!(lines[2].ends_with("https://cdn/a, http://m2"), "{table}");
+        assert!(lines[1].contains("files only"), "{table}");
+    }
+
+    #[test]
+    fn a_run_section_is_summarised_by_its_command_and_traffic_strategy() {
+        let spec = |json: serde_json::Value| -> RunSpec {
+            serde_json::from_value(json).expect("run spec")
+        };
+        assert_eq!(run_summary(None), "files only");
+        assert_eq!(
+            run_summary(Some(&spec(serde_json::json!({
+                "command": "bin/sample-app",
+                "front_door": { "listen": "0.0.0.0:8080" }
+            })))),
+            "bin/sample-app, front door 0.0.0.0:8080"
+        );
+        assert_eq!(
+            run_summary(Some(&spec(serde_json::json!({
+                "command": "bin/server",
+                "hooks": { "switch": ["systemctl", "reload", "nginx"] }
+            })))),
+            "bin/server, traffic by hooks"
+        );
     }
 
     #[test]

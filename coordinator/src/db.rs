@@ -19,7 +19,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use protocol::messages::{Event, NodeState};
-use protocol::{Digest, NodeId, ReleaseId, ReleaseKind, UnixSeconds};
+use protocol::{Digest, NodeId, ReleaseId, ReleaseKind, RunSpec, UnixSeconds};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional as _;
@@ -58,6 +58,10 @@ pub struct ReleaseInfo {
     /// again with another list. Absent in records written before mirrors existed.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// The signed manifest's run section (how the release runs on a node); `None` for files
+    /// only, and in records written before run sections existed (all files only).
+    #[serde(default)]
+    pub run: Option<RunSpec>,
 }
 
 /// What the coordinator knows about one node.
@@ -350,6 +354,7 @@ mod tests {
             created_at: 1,
             published_at: 2,
             mirrors: Vec::new(),
+            run: None,
         }
     }
 
@@ -423,12 +428,15 @@ mod tests {
     }
 
     #[test]
-    fn a_release_summary_stored_before_mirrors_existed_reads_with_none() {
+    fn a_release_summary_stored_before_mirrors_and_run_sections_existed_reads_with_none() {
         let mut old = serde_json::to_value(info(rel("web", "1"))).expect("json");
-        old.as_object_mut().expect("object").remove("mirrors");
+        let object = old.as_object_mut().expect("object");
+        object.remove("mirrors");
+        object.remove("run");
         let info: ReleaseInfo =
             decode_json("release", b"web@1", old.to_string().as_bytes()).expect("reads");
         assert!(info.mirrors.is_empty());
+        assert_eq!(info.run, None);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`keys`], [`token`]: the release signing key and the operator API token on disk.
 //! - [`config`]: `serve`'s flags validated and its on-disk state opened, before any bind.
 //! - [`serve`]: start-up and shutdown order of the daemon.
-//! - [`db`]: the sled trees and what each holds; [`release`]: pure release/command rules.
+//! - [`db`]: the sled trees and what each holds; [`release`]: pure release/command rules;
+//!   [`release_file`]: the operator's `release.toml` (how a release runs), read at publish.
 //! - [`server`]: the HTTP API and chunk server; [`api`]: its JSON bodies.
 //! - [`stats`]: chunk-delivery counters shared by the server and the main loop.
 //! - [`main_loop`]: the one event loop over MQTT, HTTP requests and chunk reads;
@@ -27,6 +28,7 @@ pub mod keys;
 pub mod main_loop;
 pub mod mqtt;
 pub mod release;
+pub mod release_file;
 pub mod serve;
 pub mod server;
 pub mod stats;
@@ -36,7 +38,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::UnixSeconds;
 
-use crate::cli::{Cli, Command, ReleaseCommand, RolloutCommand};
+use crate::cli::{Cli, Command, NodeCommand, ReleaseCommand, RolloutCommand};
 
 /// Runs one command line to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -90,6 +92,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let client = client::ApiClient::new(&cli.client)?;
             client::rollout_start(&client, &app, &version, json).await
+        }
+        Command::Node {
+            command: NodeCommand::Rollback { nodes, json },
+        } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::node_rollback(&client, &nodes, json).await
         }
         Command::Nodes { json } => {
             let client = client::ApiClient::new(&cli.client)?;

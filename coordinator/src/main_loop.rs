@@ -606,5 +606,15 @@ fn log_event(event: &NodeEvent) {
         EventKind::UpdateFailed { release, reason } => {
             tracing::warn!(node = %node, release = %release, reason, "node update failed")
         }
+        EventKind::RolledBack {
+            release,
+            from,
+            reason,
+        } => match from {
+            Some(from) => {
+                tracing::warn!(node = %node, release = %release, from = %from, reason, "node rolled back")
+            }
+            None => tracing::warn!(node = %node, release = %release, reason, "node rolled back"),
+        },
     }
 }

@@ -1,6 +1,7 @@
 //! Pure release and command logic: summarising a manifest, telling whether a re-publish is the
-//! same release, checking a release's mirror list, reading back a stored envelope, and
-//! building a node's deploy command (with the HTTP sources it lists, in order).
+//! same release, checking a release's mirror list and that its run command ships in it,
+//! reading back a stored envelope, and building a node's commands: deploy (with the HTTP
+//! sources it lists, in order) and rollback.
 //!
 //! No I/O and no clock: `now` is a parameter, so every rule here is tested without a database.
 
@@ -10,13 +11,13 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use protocol::messages::{Action, Command};
 use protocol::{
-    ChunkRef, Digest, Entry, Envelope, Manifest, NodeId, UnixSeconds, PROTOCOL_VERSION,
+    ChunkRef, Digest, Entry, Envelope, Manifest, NodeId, ReleaseId, UnixSeconds, PROTOCOL_VERSION,
 };
 
 use crate::config::{self, BaseUrlError};
-use crate::db::ReleaseInfo;
+use crate::db::{NodeRecord, ReleaseInfo};
 
-/// How long a deploy command stays valid. An agent refuses an expired command, so a node
+/// How long a command (deploy or rollback) stays valid. An agent refuses an expired command, so a node
 /// that comes back after this must be sent a fresh one.
 pub const COMMAND_LIFETIME_SECS: u64 = 7 * 24 * 3600;
 
@@ -84,6 +85,7 @@ pub fn summarize(
         created_at: manifest.created_at,
         published_at: now,
         mirrors,
+        run: manifest.run.clone(),
     }
 }
 
@@ -101,6 +103,7 @@ pub fn same_content(a: &Manifest, b: &Manifest) -> bool {
         && a.version == b.version
         && a.kind == b.kind
         && a.entries == b.entries
+        && a.run == b.run
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,18 @@ pub fn stored_manifest(envelope: &[u8]) -> Result<(Envelope, Manifest), StoredMa
     Ok((envelope, manifest))
 }
 
+/// A command for one node, valid from `now` for [`COMMAND_LIFETIME_SECS`].
+pub fn command(node: NodeId, seq: u64, now: UnixSeconds, action: Action) -> Command {
+    Command {
+        protocol: PROTOCOL_VERSION,
+        node,
+        seq,
+        issued_at: now,
+        expires_at: now + COMMAND_LIFETIME_SECS,
+        action,
+    }
+}
+
 /// The deploy command for one node, valid from `now` for [`COMMAND_LIFETIME_SECS`].
 pub fn deploy_command(
     node: NodeId,
@@ -128,16 +143,96 @@ pub fn deploy_command(
     manifest: Envelope,
     http_sources: Vec<String>,
 ) -> Command {
-    Command {
-        protocol: PROTOCOL_VERSION,
+    command(
         node,
         seq,
-        issued_at: now,
-        expires_at: now + COMMAND_LIFETIME_SECS,
-        action: Action::Deploy {
+        now,
+        Action::Deploy {
             manifest,
             http_sources,
         },
+    )
+}
+
+/// The command that sends one node back to its previous version, valid from `now` for
+/// [`COMMAND_LIFETIME_SECS`].
+pub fn rollback_command(node: NodeId, seq: u64, now: UnixSeconds) -> Command {
+    command(node, seq, now, Action::Rollback {})
+}
+
+/// Why a node is not sent a rollback. The agent refuses one it cannot carry out anyway; the
+/// coordinator refuses up front what the node's last report already rules out, so the
+/// operator hears it at once rather than as a node event later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RollbackRefused {
+    #[error("{0} is not in the inventory")]
+    Unknown(NodeId),
+    #[error(
+        "{0} has not reported its versions yet, so it is not known to have a previous version"
+    )]
+    NoReport(NodeId),
+    #[error("{0} has no previous version to roll back to")]
+    NoPrevious(NodeId),
+}
+
+/// Where a rollback takes a node, by its last report: from its current version (if any) to
+/// its previous one.
+pub fn rollback_target(
+    node: &NodeId,
+    record: Option<&NodeRecord>,
+) -> Result<(Option<ReleaseId>, ReleaseId), RollbackRefused> {
+    let record = record.ok_or_else(|| RollbackRefused::Unknown(node.clone()))?;
+    let state = record
+        .state
+        .as_ref()
+        .ok_or_else(|| RollbackRefused::NoReport(node.clone()))?;
+    let previous = state
+        .previous
+        .as_ref()
+        .ok_or_else(|| RollbackRefused::NoPrevious(node.clone()))?;
+    let current = state.current.as_ref().map(|c| c.release.clone());
+    Ok((current, previous.release.clone()))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunCommandError {
+    #[error("run.command {0:?} is not a file of the release; put the program in the source directory, or give the absolute path of one installed on the nodes")]
+    Missing(String),
+    #[error("run.command {0:?} is a directory of the release, not a program")]
+    Directory(String),
+    #[error("run.command {command:?} is not executable (mode {mode:o}); `chmod +x` it and publish again")]
+    NotExecutable { command: String, mode: u32 },
+}
+
+/// Checks that a release's run command is a program it ships, so a typo is refused at publish
+/// rather than found by every node failing to start the version. An absolute command is a
+/// program on the node (not checkable here); with a `start` hook the agent does not run the
+/// command itself; a symlink is resolved on the node.
+pub fn check_run_command(manifest: &Manifest) -> Result<(), RunCommandError> {
+    let Some(run) = &manifest.run else {
+        return Ok(());
+    };
+    let started_by_hook = run.hooks.as_ref().is_some_and(|h| h.start.is_some());
+    if run.command.starts_with('/') || started_by_hook {
+        return Ok(());
+    }
+    let command = &run.command;
+    match manifest
+        .entries
+        .iter()
+        .find(|e| e.path().as_str() == command)
+    {
+        None => Err(RunCommandError::Missing(command.clone())),
+        Some(Entry::Dir { .. }) => Err(RunCommandError::Directory(command.clone())),
+        Some(Entry::File { mode, .. }) if mode & 0o111 == 0 => {
+            Err(RunCommandError::NotExecutable {
+                command: command.clone(),
+                mode: *mode,
+            })
+        }
+        Some(Entry::File { .. } | Entry::Symlink { .. }) => Ok(()),
     }
 }
 
@@ -174,6 +269,7 @@ mod tests {
                     chunks: vec![chunk],
                 },
             ],
+            run: None,
         }
     }
 
@@ -206,6 +302,105 @@ mod tests {
         let opened: Command = Envelope::seal(&command, &key).open(&trust).expect("opens");
         assert_eq!((opened.node, opened.seq), (node, 3));
         assert!(stored_manifest(b"{}").is_err());
+    }
+
+    #[test]
+    fn a_rollback_command_carries_no_manifest_and_expires_like_a_deploy() {
+        let command = rollback_command(NodeId::new("n1").expect("node"), 7, 100);
+        assert_eq!(command.action, Action::Rollback {});
+        assert_eq!((command.seq, command.issued_at), (7, 100));
+        assert_eq!(command.expires_at, 100 + COMMAND_LIFETIME_SECS);
+    }
+
+    #[test]
+    fn a_rollback_needs_a_known_node_whose_last_report_has_a_previous_version() {
+        use protocol::messages::{NodeState, SlotReport};
+        let node = NodeId::new("n1").expect("node");
+        let slot = |version: &str| SlotReport {
+            release: ReleaseId::new(
+                AppName::new("web").expect("app"),
+                Version::new(version).expect("version"),
+            ),
+            manifest_digest: Digest::of(version.as_bytes()),
+            slot_dir: format!("/slots/{version}"),
+        };
+        let mut state = NodeState {
+            protocol: PROTOCOL_VERSION,
+            node: node.clone(),
+            labels: Default::default(),
+            agent_version: "a".into(),
+            current: Some(slot("2")),
+            previous: None,
+            staged: None,
+            staging: None,
+            last_update: None,
+            last_seq: 3,
+            reported_at: 1,
+        };
+        let record = |state: &NodeState| NodeRecord {
+            state: Some(state.clone()),
+            ..NodeRecord::default()
+        };
+        assert_eq!(
+            rollback_target(&node, None),
+            Err(RollbackRefused::Unknown(node.clone()))
+        );
+        assert_eq!(
+            rollback_target(&node, Some(&NodeRecord::default())),
+            Err(RollbackRefused::NoReport(node.clone()))
+        );
+        let refused = rollback_target(&node, Some(&record(&state))).expect_err("no previous");
+        assert_eq!(
+            refused.to_string(),
+            "n1 has no previous version to roll back to"
+        );
+        state.previous = Some(slot("1"));
+        assert_eq!(
+            rollback_target(&node, Some(&record(&state))),
+            Ok((Some(slot("2").release), slot("1").release))
+        );
+    }
+
+    fn with_run(command: &str, mode: u32) -> Manifest {
+        let mut m = manifest(1, mode);
+        m.entries.insert(
+            0,
+            Entry::Dir {
+                path: RelPath::new("bin").expect("path"),
+                mode: 0o755,
+            },
+        );
+        m.run = Some(
+            serde_json::from_value(serde_json::json!({
+                "command": command,
+                "front_door": { "listen": "0.0.0.0:8080" }
+            }))
+            .expect("run spec"),
+        );
+        m
+    }
+
+    #[test]
+    fn the_run_command_must_be_an_executable_the_release_ships_or_an_absolute_path() {
+        assert_eq!(check_run_command(&manifest(1, 0o644)), Ok(()));
+        assert_eq!(check_run_command(&with_run("a", 0o755)), Ok(()));
+        assert_eq!(
+            check_run_command(&with_run("/usr/bin/python3", 0o644)),
+            Ok(())
+        );
+        assert_eq!(
+            check_run_command(&with_run("bin/app", 0o755)),
+            Err(RunCommandError::Missing("bin/app".into()))
+        );
+        assert_eq!(
+            check_run_command(&with_run("bin", 0o755)),
+            Err(RunCommandError::Directory("bin".into()))
+        );
+        let error = check_run_command(&with_run("a", 0o644)).expect_err("not executable");
+        assert_eq!(
+            error.to_string(),
+            "run.command \"a\" is not executable (mode 644); `chmod +x` it and publish again"
+        );
     }
 
     #[test]

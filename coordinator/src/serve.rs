@@ -59,7 +59,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         token: config.token,
         public_url: config.public_url.clone(),
         to_loop,
-        rollout_lock: Mutex::new(()),
+        command_lock: Mutex::new(()),
         stats: stats.clone(),
     });
     let (stop_http, mut http_stopped) = watch::channel(false);

@@ -9,7 +9,9 @@
 //! - publish: chunks are in the store (each fsynced by `put_verified`) → the sealed release is
 //!   inserted into sled → flush → respond. A release is never visible before its chunks.
 //! - rollout: seqs reserved, every node's desired command and the rollout record written →
-//!   flush → the main loop is asked to publish → respond. Nothing leaves the process with a
+//!   flush → the main loop is asked to publish → respond. Node rollback: every named node
+//!   checked first (one refusal refuses the request, nothing is written) → seqs reserved,
+//!   desired commands written → flush → publish → respond. Nothing leaves the process with a
 //!   seq that is not durable, so no seq is ever reused after a crash.
 
 use std::collections::BTreeSet;
@@ -26,17 +28,21 @@ use axum::{Json, Router};
 use ed25519_dalek::SigningKey;
 use images::{ChunkStore, StoreError};
 use protocol::format::{self, FORMAT_VERSION};
-use protocol::{AppName, ChunkRef, Digest, Envelope, Manifest, ReleaseId, Signed as _, Version};
+use protocol::messages::Command;
+use protocol::{
+    AppName, ChunkRef, Digest, Envelope, Manifest, NodeId, ReleaseId, Signed as _, Version,
+};
 use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::api::{
-    ErrorBody, MissingRequest, MissingResponse, NodeView, PublishRequest, PublishResponse,
-    ReleaseView, RolloutRequest, RolloutResponse, StatsView, StoredChunk, MAX_MISSING_QUERY,
+    ErrorBody, MissingRequest, MissingResponse, NodeRollbackRequest, NodeRollbackResponse,
+    NodeView, PublishRequest, PublishResponse, ReleaseView, RollbackSent, RolloutRequest,
+    RolloutResponse, StatsView, StoredChunk, MAX_MISSING_QUERY,
 };
 use crate::db::{Db, DbError, Inserted, ReleaseInfo, RolloutRecord};
 use crate::main_loop::ApiRequest;
-use crate::release;
+use crate::release::{self, RollbackRefused};
 use crate::stats::Stats;
 use crate::token::AdminToken;
 use crate::unix_now;
@@ -50,9 +56,9 @@ pub struct AppState {
     /// Base URL agents fetch chunks from.
     pub public_url: String,
     pub to_loop: mpsc::Sender<ApiRequest>,
-    /// Rollouts are serialized so that for every node the newest desired command is also the
-    /// last one queued for publishing.
-    pub rollout_lock: Mutex<()>,
+    /// Requests that write commands (rollouts, rollbacks) are serialized so that for every
+    /// node the newest desired command is also the last one queued for publishing.
+    pub command_lock: Mutex<()>,
     /// Chunk-delivery counters, shared with the main loop.
     pub stats: Arc<Stats>,
 }
@@ -134,6 +140,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/api/rollouts", post(start_rollout))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/nodes/rollback", post(rollback_nodes))
         .route("/api/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -348,6 +355,8 @@ async fn publish_release(
     manifest
         .validate()
         .map_err(|e| ApiError::bad_request(format!("release {id} is not valid: {e}")))?;
+    release::check_run_command(&manifest)
+        .map_err(|e| ApiError::bad_request(format!("release {id} is not valid: {e}")))?;
 
     let digests: BTreeSet<Digest> = manifest.chunks().map(|c| c.digest).collect();
     let total = digests.len();
@@ -468,7 +477,7 @@ async fn start_rollout(
         Version::new(request.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id = ReleaseId::new(app, version);
 
-    let _serialized = state.rollout_lock.lock().await;
+    let _serialized = state.command_lock.lock().await;
     let stored = state.db.release_envelope(&id)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -510,14 +519,7 @@ async fn start_rollout(
             manifest_envelope.clone(),
             http_sources.clone(),
         );
-        let sealed = Envelope::seal(&command, &state.signing_key).to_bytes();
-        if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
-            return Err(ApiError::internal(format!(
-                "the command for node {node} is {} bytes, too large for MQTT",
-                sealed.len()
-            )));
-        }
-        state.db.set_desired(node, &sealed)?;
+        store_command(&state, &command)?;
         targets.push((node.clone(), seq));
     }
     state.db.put_rollout(&RolloutRecord {
@@ -526,13 +528,7 @@ async fn start_rollout(
         nodes: targets,
         started_at: now,
     })?;
-    // Save point: seqs, commands and the rollout are durable before any command is sent.
-    state.db.flush().await?;
-    state
-        .to_loop
-        .send(ApiRequest::PublishCommands(nodes.clone()))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down; the rollout is stored and its commands are sent when it is back"))?;
+    flush_and_publish(&state, nodes.clone(), "the rollout").await?;
     tracing::info!(rollout, release = %id, nodes = nodes.len(), "rollout started");
     Ok((
         StatusCode::CREATED,
@@ -545,6 +541,113 @@ async fn start_rollout(
             http_sources,
         }),
     ))
+}
+
+/// Seals a node's command and stores it as the node's desired command, replacing the one
+/// before. Not durable and not sent until [`flush_and_publish`].
+fn store_command(state: &AppState, command: &Command) -> Result<(), ApiError> {
+    let sealed = Envelope::seal(command, &state.signing_key).to_bytes();
+    if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
+        return Err(ApiError::internal(format!(
+            "the command for node {} is {} bytes, too large for MQTT",
+            command.node,
+            sealed.len()
+        )));
+    }
+    state.db.set_desired(&command.node, &sealed)?;
+    Ok(())
+}
+
+/// The save point of every request that sends commands: whatever it stored (seqs, desired
+/// commands, records) is made durable, and only then is the main loop asked to publish the
+/// nodes' desired commands. `what` names the request in the error ("the rollout").
+async fn flush_and_publish(
+    state: &AppState,
+    nodes: Vec<NodeId>,
+    what: &str,
+) -> Result<(), ApiError> {
+    state.db.flush().await?;
+    state
+        .to_loop
+        .send(ApiRequest::PublishCommands(nodes))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the coordinator is shutting down; {what} is stored and its commands are sent when it is back"),
+            )
+        })
+}
+
+/// `POST /api/nodes/rollback`: send each named node back to its previous version. All or
+/// nothing: every node is checked against its last report before any command is written.
+async fn rollback_nodes(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<NodeRollbackResponse>, ApiError> {
+    let body = body.map_err(ApiError::body)?;
+    let request: NodeRollbackRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("expected {{\"nodes\": [node id, ...]}}: {e}"))
+    })?;
+    let mut nodes: Vec<NodeId> = Vec::with_capacity(request.nodes.len());
+    for name in request.nodes {
+        let node = NodeId::new(name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if !nodes.contains(&node) {
+            nodes.push(node);
+        }
+    }
+    if nodes.is_empty() {
+        return Err(ApiError::bad_request("name at least one node to roll back"));
+    }
+
+    let _serialized = state.command_lock.lock().await;
+    let mut targets = Vec::with_capacity(nodes.len());
+    let mut refused = Vec::new();
+    for node in &nodes {
+        match release::rollback_target(node, state.db.node(node)?.as_ref()) {
+            Ok(target) => targets.push(target),
+            Err(refusal) => refused.push(refusal),
+        }
+    }
+    if !refused.is_empty() {
+        let unknown = refused
+            .iter()
+            .any(|r| matches!(r, RollbackRefused::Unknown(_)));
+        let reasons: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        let mut message = format!("{}; no rollback was sent to any node", reasons.join("; "));
+        if unknown {
+            message.push_str(" (`coordinator nodes` lists the nodes that have reported)");
+        }
+        let status = if unknown {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::CONFLICT
+        };
+        return Err(ApiError::new(status, message));
+    }
+
+    let seqs = state.db.reserve_seqs(nodes.len() as u64)?;
+    let now = unix_now();
+    let mut sent = Vec::with_capacity(nodes.len());
+    for ((node, (from, to)), seq) in nodes.iter().zip(targets).zip(seqs) {
+        store_command(&state, &release::rollback_command(node.clone(), seq, now))?;
+        sent.push(RollbackSent {
+            node: node.clone(),
+            seq,
+            from,
+            to,
+        });
+    }
+    flush_and_publish(&state, nodes, "the rollback").await?;
+    for s in &sent {
+        match &s.from {
+            Some(from) => {
+                tracing::info!(node = %s.node, seq = s.seq, from = %from, to = %s.to, "rollback sent")
+            }
+            None => tracing::info!(node = %s.node, seq = s.seq, to = %s.to, "rollback sent"),
+        }
+    }
+    Ok(Json(NodeRollbackResponse { nodes: sent }))
 }
 
 /// `GET /api/nodes`: the inventory.

@@ -4,262 +4,21 @@
 //! restart onto an empty broker, a release's mirrors in deploy commands, and the
 //! chunk-delivery counters of `GET /api/stats`.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use coordinator::cli::{ClientArgs, ServeArgs};
-use coordinator::client::{ApiClient, PublishArgs};
-use protocol::messages::{Action, ChunkFrame, ChunkRequest, Command, NodeState, Presence};
+use protocol::messages::{Action, ChunkFrame, ChunkRequest, Presence};
 use protocol::{
-    AppName, Digest, Envelope, Manifest, NodeId, NodeTopic, ReleaseId, ReleaseKind, Topics,
-    TrustedKeys, Version, PROTOCOL_VERSION,
+    AppName, Digest, NodeId, NodeTopic, ReleaseId, Topics, TrustedKeys, Version, PROTOCOL_VERSION,
 };
-use rumqttc::{AsyncClient, MqttOptions, Publish, QoS};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use rumqttc::QoS;
 
-const WAIT: Duration = Duration::from_secs(15);
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-struct Running {
-    http: SocketAddr,
-    mqtt: SocketAddr,
-    token: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<()>>,
-}
-
-async fn start(dir: &Path) -> Result<Running> {
-    let (http, mqtt) = (free_addr()?, free_addr()?);
-    let args = ServeArgs {
-        data: dir.join("data"),
-        keys: dir.join("keys"),
-        broker: "embedded".into(),
-        mqtt_listen: mqtt,
-        http,
-        topic_prefix: "fleet".into(),
-        public_url: None,
-    };
-    let config = coordinator::config::ServeConfig::load(args)?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(coordinator::serve::serve(config, async {
-        let _ = stopped.await;
-    }));
-    let token = std::fs::read_to_string(dir.join("data/admin.token"))?
-        .trim()
-        .to_owned();
-    let running = Running {
-        http,
-        mqtt,
-        token,
-        stop,
-        task,
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reqwest::Client::new()
-        .get(format!("http://{http}/api/nodes"))
-        .send()
-        .await
-        .is_err()
-    {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the HTTP API never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(running)
-}
-
-impl Running {
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await?
-    }
-
-    fn client_args(&self) -> ClientArgs {
-        ClientArgs {
-            server: format!("http://{}", self.http),
-            token: Some(self.token.clone()),
-        }
-    }
-
-    async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        let response = reqwest::Client::new()
-            .get(format!("http://{}{path}", self.http))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "GET {path}: {}",
-            response.status()
-        );
-        Ok(response.json().await?)
-    }
-
-    async fn rollout(&self, app: &str, version: &str) -> Result<serde_json::Value> {
-        let response = reqwest::Client::new()
-            .post(format!("http://{}/api/rollouts", self.http))
-            .bearer_auth(&self.token)
-            .json(&serde_json::json!({"app": app, "version": version}))
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "rollout: {}",
-            response.status()
-        );
-        Ok(response.json().await?)
-    }
-}
-
-/// An MQTT client standing in for an agent.
-struct FakeNode {
-    client: AsyncClient,
-    messages: mpsc::UnboundedReceiver<Publish>,
-}
-
-async fn fake_node(mqtt: SocketAddr, id: &str, subscribe: &[String]) -> Result<FakeNode> {
-    let mut options = MqttOptions::new(id, mqtt.ip().to_string(), mqtt.port());
-    options.set_max_packet_size(1 << 24, 1 << 24);
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    for topic in subscribe {
-        client.subscribe(topic, QoS::AtLeastOnce).await?;
-    }
-    let (tx, messages) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    if tx.send(p).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    Ok(FakeNode { client, messages })
-}
-
-impl FakeNode {
-    async fn next_on(&mut self, topic: &str) -> Result<Publish> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let message = tokio::time::timeout_at(deadline, self.messages.recv())
-                .await
-                .with_context(|| format!("nothing arrived on {topic}"))?
-                .context("the fake node's connection ended")?;
-            if message.topic == topic {
-                return Ok(message);
-            }
-        }
-    }
-}
-
-fn node_state(node: &NodeId) -> NodeState {
-    NodeState {
-        protocol: PROTOCOL_VERSION,
-        node: node.clone(),
-        labels: [("region".to_owned(), "eu".to_owned())].into(),
-        agent_version: "fake".into(),
-        current: None,
-        previous: None,
-        staged: None,
-        staging: None,
-        last_update: None,
-        last_seq: 0,
-        reported_at: 1,
-    }
-}
-
-async fn wait_for_node(running: &Running, node: &str) -> Result<serde_json::Value> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let nodes = running.get_json("/api/nodes").await?;
-        let entry = nodes
-            .as_array()
-            .and_then(|a| {
-                a.iter().find(|n| {
-                    n["node"] == node && n["online"] == true && n["agent_version"] == "fake"
-                })
-            })
-            .cloned();
-        if let Some(entry) = entry {
-            return Ok(entry);
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{node} never showed up online: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A small release tree: a compressible text file and a binary one, several chunks in all.
-fn release_tree(dir: &Path) -> Result<std::path::PathBuf> {
-    let src = dir.join("src");
-    std::fs::create_dir_all(src.join("sub"))?;
-    std::fs::write(src.join("a.txt"), "alpha\n".repeat(10_000))?;
-    std::fs::write(
-        src.join("sub/b.bin"),
-        (0..200_000u32)
-            .map(|i| (i * 7919 % 251) as u8)
-            .collect::<Vec<_>>(),
-    )?;
-    Ok(src)
-}
-
-async fn publish(running: &Running, src: &Path, version: &str, mirrors: &[&str]) -> Result<()> {
-    let mirrors: Vec<String> = mirrors.iter().map(|m| m.to_string()).collect();
-    let release = PublishArgs {
-        src,
-        app: "web",
-        version,
-        kind: ReleaseKind::App,
-        mirrors: &mirrors,
-    };
-    coordinator::client::publish(&ApiClient::new(&running.client_args())?, release, true).await
-}
-
-/// A fake node that reports itself online with a state, so rollouts include it.
-async fn reporting_node(running: &Running, id: &str, subscribe: &[String]) -> Result<FakeNode> {
-    let topics = Topics::default();
-    let node_id = NodeId::new(id)?;
-    let node = fake_node(running.mqtt, id, subscribe).await?;
-    node.client
-        .publish(
-            topics.node(&node_id, NodeTopic::Presence),
-            QoS::AtLeastOnce,
-            true,
-            serde_json::to_vec(&Presence { online: true })?,
-        )
-        .await?;
-    node.client
-        .publish(
-            topics.node(&node_id, NodeTopic::State),
-            QoS::AtLeastOnce,
-            true,
-            serde_json::to_vec(&node_state(&node_id))?,
-        )
-        .await?;
-    wait_for_node(running, id).await?;
-    Ok(node)
-}
-
-fn open_command(payload: &[u8], trust: &TrustedKeys) -> Result<(Command, Manifest)> {
-    let command: Command = Envelope::open_bytes(payload, trust)?;
-    let Action::Deploy { manifest, .. } = &command.action;
-    let manifest: Manifest = manifest.open(trust)?;
-    Ok((command, manifest))
-}
+use common::{
+    fake_node, node_state, open_command, publish, release_tree, reporting_node, start,
+    wait_for_node, FakeNode,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survives_a_restart(
@@ -310,7 +69,9 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
     let (command, manifest) = open_command(&message.payload, &trust)?;
     assert_eq!((command.node.as_str(), command.seq), ("n1", 1));
     assert!(command.expires_at > command.issued_at);
-    let Action::Deploy { http_sources, .. } = &command.action;
+    let Action::Deploy { http_sources, .. } = &command.action else {
+        bail!("expected a deploy command, got {:?}", command.action);
+    };
     assert_eq!(http_sources, &vec![format!("http://{}", running.http)]);
     assert_eq!(manifest.release_id(), release);
 
@@ -403,7 +164,9 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
 
 fn deploy_sources(payload: &[u8], trust: &TrustedKeys) -> Result<Vec<String>> {
     let (command, _) = open_command(payload, trust)?;
-    let Action::Deploy { http_sources, .. } = command.action;
+    let Action::Deploy { http_sources, .. } = command.action else {
+        bail!("expected a deploy command, got {:?}", command.action);
+    };
     Ok(http_sources)
 }
 

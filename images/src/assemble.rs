@@ -5,8 +5,8 @@
 //! error the temp directory is removed. Sources hand out chunks as [`VerifiedChunk`]s, which
 //! only [`crate::chunk`] can make and only by hashing, and each one is confirmed to be the
 //! manifest's chunk right before it is written, whatever the [`ChunkSource`] is, so unverified
-//! bytes never reach a slot and no chunk is hashed twice. The manifest is validated here too, so a caller that forgot cannot be led outside
-//! the slot by a path or a symlink.
+//! bytes never reach a slot and no chunk is hashed twice. The manifest is validated here too,
+//! so a caller that forgot cannot be led outside the slot by a path or a symlink.
 //!
 //! **Unchanged files are shared, not copied.** When a source offers an installed file with
 //! exactly a manifest file's chunk list and mode ([`ChunkSource::linkable`], answered by
@@ -19,11 +19,12 @@
 //!
 //! **Throughput.** Writing a file is a three-stage pipeline: the calling thread creates the
 //! tree and gets each verified chunk from the sources (for a store: read, decode, hash); a
-//! writer thread confirms each chunk is the one the manifest names and writes it; a syncer thread fsyncs each finished file, so the disk
-//! is busy while the next files are decoded. Memory stays bounded whatever the image size:
-//! at most `CHUNKS_IN_FLIGHT` (8) decoded chunks wait for the writer, and at most
-//! `FILES_IN_FLIGHT` (32) written files wait, open, for their fsync. Every file is fsynced before
-//! the directories, and the directories before the rename.
+//! writer thread confirms each chunk is the one the manifest names and writes it; a few syncer
+//! threads fsync finished files, so the disk is busy while the next files are decoded (several
+//! fsyncs in flight let the filesystem share journal commits between them). Memory stays
+//! bounded whatever the image size: at most `CHUNKS_IN_FLIGHT` (8) decoded chunks wait for
+//! the writer, and at most `FILES_IN_FLIGHT` (32) written files wait, open, for their fsync.
+//! Every file is fsynced before the directories, and the directories before the rename.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -31,8 +32,9 @@ use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use protocol::manifest::MODE_MASK;
@@ -50,6 +52,12 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 /// Written files that may wait, open, for the syncer thread: bounds open descriptors while
 /// the disk catches up.
 const FILES_IN_FLIGHT: usize = 32;
+
+/// Threads fsyncing finished files at once. They only wait on the disk; one alone leaves it
+/// idle between a file's data write and its journal commit. Assembling 210 MB of 2 MB files
+/// on ext4 (virtio disk, busy 2-core machine) took 0.7-1.1 s with 1 thread, 0.6-0.7 s with
+/// 3, 0.4-0.6 s with 4, and no less with 8.
+const SYNC_THREADS: usize = 4;
 
 /// Disk space allowed per manifest entry on top of file contents in
 /// [`slot_bytes_needed`]. Filesystems allocate in blocks (4 KiB on ext4, xfs and most
@@ -431,12 +439,43 @@ fn write_tree(
         ..AssembleStats::default()
     };
     let mut dirs = Vec::new();
+    run_pipeline(root, |to_writer| {
+        produce(manifest, root, sources, to_writer, &mut stats, &mut dirs)
+    })?;
+    // Directory modes last and deepest first: a read-only directory must still accept its
+    // children while they are created.
+    for (dir, mode) in dirs.iter().rev() {
+        fs::set_permissions(dir, Permissions::from_mode(mode & MODE_MASK)).map_err(io_err(dir))?;
+        sync_dir(dir).map_err(io_err(dir))?;
+    }
+    sync_dir(root).map_err(io_err(root))?;
+    Ok(stats)
+}
+
+/// Runs `feed` on the calling thread with the writer and syncer threads behind it, and
+/// returns once every stage has stopped (so nothing writes under `root` any more): `Ok` if
+/// all of them finished, else the error that stopped the first stage that failed.
+fn run_pipeline(
+    root: &Path,
+    feed: impl FnOnce(&SyncSender<WriteOp>) -> Result<(), Stop>,
+) -> Result<(), AssembleError> {
+    let sync_failed = AtomicBool::new(false);
     let outcomes = thread::scope(|scope| {
         let (to_writer, writer_inbox) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
         let (to_syncer, syncer_inbox) = mpsc::sync_channel(FILES_IN_FLIGHT);
         let writer = scope.spawn(move || write_files(writer_inbox, to_syncer));
-        let syncer = scope.spawn(move || sync_files(syncer_inbox));
-        let produced = produce(manifest, root, sources, &to_writer, &mut stats, &mut dirs);
+        // Shared by the syncers only, so the inbox is dropped, and the writer's next send
+        // fails, as soon as the last syncer stops.
+        let syncer_inbox = Arc::new(Mutex::new(syncer_inbox));
+        let failed = &sync_failed;
+        let syncers: Vec<_> = (0..SYNC_THREADS)
+            .map(|_| {
+                let inbox = Arc::clone(&syncer_inbox);
+                scope.spawn(move || sync_files(&inbox, failed))
+            })
+            .collect();
+        drop(syncer_inbox);
+        let fed = feed(&to_writer);
         // Closing the channel is how the writer learns there is no more work.
         drop(to_writer);
         let join = |handle: thread::ScopedJoinHandle<'_, Result<(), Stop>>| {
@@ -444,10 +483,11 @@ fn write_tree(
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         };
-        [produced, join(writer), join(syncer)]
+        let mut outcomes = vec![fed, join(writer)];
+        outcomes.extend(syncers.into_iter().map(join));
+        outcomes
     });
-    // Every stage has stopped, so the partial tree is no longer being written to and can be
-    // removed on error. A stage that only saw the next one hang up is not the cause.
+    // A stage that only saw the next one hang up is not the cause.
     let mut next_stage_gone = false;
     for outcome in outcomes {
         match outcome {
@@ -461,14 +501,7 @@ fn write_tree(
             "assembly pipeline stopped without an error (a bug in images::assemble)",
         )));
     }
-    // Directory modes last and deepest first: a read-only directory must still accept its
-    // children while they are created.
-    for (dir, mode) in dirs.iter().rev() {
-        fs::set_permissions(dir, Permissions::from_mode(mode & MODE_MASK)).map_err(io_err(dir))?;
-        sync_dir(dir).map_err(io_err(dir))?;
-    }
-    sync_dir(root).map_err(io_err(root))?;
-    Ok(stats)
+    Ok(())
 }
 
 /// The calling thread's stage: creates directories and symlinks, links unchanged files, and
@@ -556,10 +589,7 @@ fn read_from_sources(
 
 /// The writer thread's stage: confirms each chunk is the manifest's right before appending it
 /// to its file.
-fn write_files(
-    inbox: Receiver<WriteOp>,
-    to_syncer: SyncSender<Arc<OpenFile>>,
-) -> Result<(), Stop> {
+fn write_files(inbox: Receiver<WriteOp>, to_syncer: SyncSender<Arc<OpenFile>>) -> Result<(), Stop> {
     for op in inbox {
         match op {
             WriteOp::Chunk {
@@ -568,13 +598,13 @@ fn write_files(
                 bytes,
                 source_index,
             } => {
-                bytes.confirm(&chunk).map_err(|source| {
-                    AssembleError::UnverifiedChunk {
+                bytes
+                    .confirm(&chunk)
+                    .map_err(|source| AssembleError::UnverifiedChunk {
                         path: file.path.clone(),
                         source_index,
                         source,
-                    }
-                })?;
+                    })?;
                 (&file.file)
                     .write_all(&bytes)
                     .map_err(io_err(&file.target))?;
@@ -591,10 +621,22 @@ fn write_files(
     Ok(())
 }
 
-/// The syncer thread's stage: makes each finished file's data durable, in order.
-fn sync_files(inbox: Receiver<Arc<OpenFile>>) -> Result<(), Stop> {
-    for file in inbox {
-        file.file.sync_all().map_err(io_err(&file.target))?;
+/// One syncer thread: makes finished files' data durable until the writer is done or a
+/// syncer fails. After a failure the others stop too, so the inbox is dropped and the writer
+/// learns of it at its next send.
+fn sync_files(inbox: &Mutex<Receiver<Arc<OpenFile>>>, failed: &AtomicBool) -> Result<(), Stop> {
+    while !failed.load(Ordering::Relaxed) {
+        // A poisoned lock means another syncer panicked; that panic is re-raised at join.
+        let Ok(next) = inbox.lock().map(|inbox| inbox.recv()) else {
+            return Ok(());
+        };
+        let Ok(file) = next else {
+            return Ok(());
+        };
+        if let Err(error) = file.file.sync_all() {
+            failed.store(true, Ordering::Relaxed);
+            return Err(io_err(&file.target)(error).into());
+        }
     }
     Ok(())
 }
@@ -788,6 +830,56 @@ mod tests {
 
     fn os_error(errno: Errno) -> io::Error {
         io::Error::from_raw_os_error(errno.raw_os_error())
+    }
+
+    /// Files whose fsync fails (a pipe has none: EINVAL), fed to the pipeline far beyond
+    /// what its channels hold, must stop every stage and report the fsync error, not hang.
+    #[test]
+    fn a_failed_fsync_stops_the_whole_pipeline_with_its_error() {
+        let empty = ChunkRef {
+            digest: Digest::of(b""),
+            size: 0,
+            zsize: 9,
+        };
+        let (done, outcome) = mpsc::channel();
+        thread::spawn(move || {
+            let mut pipes = Vec::new();
+            let result = run_pipeline(Path::new("/slot"), |to_writer| {
+                for n in 0..(CHUNKS_IN_FLIGHT + FILES_IN_FLIGHT) * 10 {
+                    let (reader, writer) = io::pipe().unwrap();
+                    pipes.push(reader);
+                    let file = Arc::new(OpenFile {
+                        file: File::from(std::os::fd::OwnedFd::from(writer)),
+                        target: PathBuf::from(format!("/slot/pipe{n}")),
+                        path: RelPath::new(format!("pipe{n}")).unwrap(),
+                        mode: 0o600,
+                    });
+                    let bytes = VerifiedChunk::check(&empty, Vec::new()).unwrap();
+                    let chunk = WriteOp::Chunk {
+                        file: Arc::clone(&file),
+                        chunk: empty,
+                        bytes,
+                        source_index: 0,
+                    };
+                    to_writer.send(chunk).map_err(|_| Stop::NextStageGone)?;
+                    to_writer
+                        .send(WriteOp::Finish(file))
+                        .map_err(|_| Stop::NextStageGone)?;
+                }
+                Ok(())
+            });
+            done.send(result).unwrap();
+        });
+        let result = outcome
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the pipeline hung after a failed fsync");
+        match result {
+            Err(AssembleError::Io { path, source }) => {
+                assert!(path.to_str().unwrap().starts_with("/slot/pipe"), "{path:?}");
+                assert_eq!(source.raw_os_error(), Some(Errno::INVAL.raw_os_error()));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

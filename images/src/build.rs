@@ -131,6 +131,7 @@ pub fn build_image(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         entries,
+        run: None,
     };
     manifest.validate()?;
     Ok(manifest)

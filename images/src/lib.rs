@@ -3,10 +3,12 @@
 //! - [`chunk`]: compressing chunks and the single path by which chunk bytes are verified.
 //! - [`store`]: a directory of compressed chunks named by digest, written atomically.
 //! - [`build`]: a source tree in, a validated [`protocol::Manifest`] and stored chunks out.
-//! - [`assemble`]: a manifest plus chunk sources in, a complete slot directory out (or none).
+//! - [`assemble`](mod@assemble): a manifest plus chunk sources in, a complete slot directory
+//!   out (or none).
 //! - [`disk`]: free space, and telling "disk full" from other I/O errors.
 //!
-//! **Architecture invariant**: this crate is synchronous and does no networking. Bytes from
+//! **Architecture invariant**: this crate is synchronous (assembly runs a few scoped threads,
+//! all joined before it returns) and does no networking. Bytes from
 //! elsewhere reach a slot or the store only through [`chunk::decompress_verified`],
 //! [`chunk::verify_plain`] or a [`chunk::VerifiedChunk`].
 

@@ -174,7 +174,11 @@ fn an_offered_file_that_cannot_be_linked_as_itself_is_written_instead() {
     let via_symlink = tmp.path().join("via-symlink");
     symlink(&real, &via_symlink).unwrap();
 
-    for offered in [via_symlink, tmp.path().join("missing"), tmp.path().join("src")] {
+    for offered in [
+        via_symlink,
+        tmp.path().join("missing"),
+        tmp.path().join("src"),
+    ] {
         let slot = tmp.path().join("slot");
         let offers = Offers {
             path: offered.clone(),
@@ -218,8 +222,11 @@ fn slot_bytes_needed_counts_the_files_to_write_plus_a_block_per_entry() {
 fn linkable_matches_the_whole_chunk_list_and_the_mode() {
     let at = installed_v1_and_built_v2();
     let local = LocalChunks::index(&[(at.slot_v1.clone(), &at.v1)]);
-    let Some(Entry::File { chunks, mode, .. }) =
-        at.v1.entries.iter().find(|e| e.path().as_str() == "same.bin")
+    let Some(Entry::File { chunks, mode, .. }) = at
+        .v1
+        .entries
+        .iter()
+        .find(|e| e.path().as_str() == "same.bin")
     else {
         panic!("same.bin is a file in v1");
     };

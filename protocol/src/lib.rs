@@ -13,6 +13,7 @@ pub mod format;
 pub mod manifest;
 pub mod messages;
 pub mod names;
+pub mod run;
 pub mod topics;
 pub mod units;
 
@@ -21,6 +22,7 @@ pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, KeyId, Signed, TrustedKeys};
 pub use manifest::{ChunkRef, Entry, Manifest, ManifestError, RelPath, ReleaseKind};
 pub use names::{AppName, NameError, NodeId, ReleaseId, Version};
+pub use run::RunSpec;
 pub use topics::{NodeTopic, Topics};
 pub use units::human_bytes;
 

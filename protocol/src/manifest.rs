@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::envelope::Signed;
 use crate::format::{self, FORMAT_VERSION};
 use crate::names::{AppName, ReleaseId, Version};
+use crate::run::{RunSpec, RunSpecError};
 use crate::{Digest, UnixSeconds};
 
 /// A path inside an image: relative, `/`-separated, no empty, `.` or `..` components, no NUL
@@ -40,6 +41,8 @@ pub enum ManifestError {
     TooManyEntries { count: usize, limit: usize },
     #[error("release is {size} bytes, over the limit of {limit}")]
     TooLarge { size: u64, limit: u64 },
+    #[error(transparent)]
+    Run(#[from] RunSpecError),
 }
 
 impl RelPath {
@@ -159,6 +162,10 @@ pub struct Manifest {
     pub kind: ReleaseKind,
     pub created_at: UnixSeconds,
     pub entries: Vec<Entry>,
+    /// How the release runs; `None` for files only (the switch flips the pointer and runs
+    /// nothing). Left out of the JSON when absent, so files-only manifests are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunSpec>,
 }
 
 impl Signed for Manifest {
@@ -197,6 +204,9 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         if self.format != FORMAT_VERSION {
             return Err(ManifestError::UnsupportedFormat { found: self.format });
+        }
+        if let Some(run) = &self.run {
+            run.validate()?;
         }
         if self.entries.len() > format::MAX_ENTRIES {
             return Err(ManifestError::TooManyEntries {
@@ -310,6 +320,7 @@ mod tests {
             kind: ReleaseKind::App,
             created_at: 0,
             entries,
+            run: None,
         }
     }
 

@@ -45,12 +45,16 @@ pub enum Action {
         #[serde(default)]
         http_sources: Vec<String>,
     },
+    /// Return to the previous version, with no download: a flip while it is still warm, a
+    /// restart from its slot otherwise. Refused by a node that has no previous version.
+    Rollback {},
 }
 
 impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Action::Deploy { .. } => "deploy",
+            Action::Rollback {} => "rollback",
         }
     }
 }
@@ -84,7 +88,11 @@ pub struct StagingProgress {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
     Switched,
+    /// The update did not happen; the node stayed on the version it had.
     Failed { reason: String },
+    /// The node went back to its previous version: asked by an operator, or by itself when
+    /// the new version failed during the switch or its probation (`reason` says which).
+    RolledBack { reason: String },
 }
 
 /// What the last update cost and how it ended.
@@ -101,9 +109,13 @@ pub struct UpdateReport {
     /// Chunks received that failed verification and were discarded.
     pub chunks_rejected: u64,
     pub staging_ms: u64,
+    /// From the decision to switch (or roll back) to the version serving.
     pub switch_ms: u64,
     pub outcome: Outcome,
     pub finished_at: UnixSeconds,
+    /// The app's last output lines when a version failed to start or stay healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_output: Vec<String>,
 }
 
 /// The node's whole state, retained on its state topic and rewritten on every change.
@@ -155,6 +167,11 @@ pub enum EventKind {
     },
     UpdateFailed {
         release: ReleaseId,
+        reason: String,
+    },
+    RolledBack {
+        release: ReleaseId,
+        from: Option<ReleaseId>,
         reason: String,
     },
 }

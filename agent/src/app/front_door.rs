@@ -1,0 +1,326 @@
+//! The front door: the agent owns the service's public TCP port and forwards every
+//! connection to the active version's private port on 127.0.0.1.
+//!
+//! A switch is [`FrontDoor::set_upstream`]: one store under a lock. Connections accepted
+//! after it go to the new port; connections already open stay with the version they were
+//! opened to until either side closes them, and [`FrontDoor::connections_to`] /
+//! [`FrontDoor::wait_drained`] tell the daemon when an old version has none left and can be
+//! stopped. The listener is never closed or re-bound by a switch, so no client is refused
+//! while traffic moves; it closes only at [`FrontDoor::shutdown`] or drop.
+//!
+//! The proxy is plain TCP: bytes are copied both ways with fixed buffers
+//! ([`UP_BUFFER`] towards the app, [`DOWN_BUFFER`] towards the client), so a connection
+//! costs about 80 KiB of buffers however much it carries, and nothing above TCP is parsed.
+//! HTTP keep-alive connections therefore stick to the version they were opened to; a
+//! version being stopped closes its idle ones (as any graceful HTTP server does on SIGTERM)
+//! and clients reconnect through the door to the new one.
+//!
+//! **Invariant:** the choice of upstream for a connection and the count of connections per
+//! upstream change under the same lock, so once `set_upstream(new)` has returned, every
+//! connection that will ever go to the old port is already counted in
+//! `connections_to(old)`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// Copy buffer from the client to the app (requests are small).
+pub const UP_BUFFER: usize = 16 * 1024;
+/// Copy buffer from the app to the client (responses, streams, downloads).
+pub const DOWN_BUFFER: usize = 64 * 1024;
+
+/// Pause after an accept error caused by exhausted resources (out of file descriptors),
+/// so the loop does not spin while nothing can be accepted.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrontDoorError {
+    #[error(
+        "cannot listen on {addr} for the front door (run.front_door.listen): {source}; \
+         is another program using the port, or does the agent lack the right to bind it?"
+    )]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Counters since the door opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DoorStats {
+    /// Connections accepted from clients.
+    pub accepted: u64,
+    /// Accepted connections closed at once because no version was set to receive them.
+    pub no_upstream: u64,
+    /// Accepted connections closed because the version's port refused them.
+    pub upstream_failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Routes {
+    upstream: Option<u16>,
+    /// Open connections per upstream port; a port with none has no entry.
+    open: HashMap<u16, usize>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    routes: Mutex<Routes>,
+    /// Woken whenever a connection closes.
+    closed: Notify,
+    accepted: AtomicU64,
+    no_upstream: AtomicU64,
+    upstream_failed: AtomicU64,
+}
+
+impl Shared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        // Every update is a single statement on plain counters; a panic while holding the
+        // lock cannot leave them half-changed.
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Picks the current upstream for a new connection and counts it there.
+    fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let mut routes = self.routes();
+        let port = routes.upstream?;
+        *routes.open.entry(port).or_default() += 1;
+        Some(Lease {
+            shared: self.clone(),
+            port,
+        })
+    }
+}
+
+/// One connection counted against an upstream port until dropped.
+struct Lease {
+    shared: Arc<Shared>,
+    port: u16,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut routes = self.shared.routes();
+        if let Some(count) = routes.open.get_mut(&self.port) {
+            *count -= 1;
+            if *count == 0 {
+                routes.open.remove(&self.port);
+            }
+        }
+        drop(routes);
+        self.shared.closed.notify_waiters();
+    }
+}
+
+/// The public listener and its forwarding. Dropping it closes the port and cuts every
+/// connection; [`FrontDoor::shutdown`] lets them finish first.
+#[derive(Debug)]
+pub struct FrontDoor {
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<Duration>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl FrontDoor {
+    /// Binds `listen` and starts accepting. Until [`FrontDoor::set_upstream`] is called,
+    /// accepted connections are closed at once (the port is open, nothing serves yet).
+    pub async fn bind(listen: SocketAddr) -> Result<FrontDoor, FrontDoorError> {
+        let bind_error = |source| FrontDoorError::Bind {
+            addr: listen,
+            source,
+        };
+        let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        let shared = Arc::new(Shared::default());
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
+        tracing::info!(listen = %local, "front door open");
+        Ok(FrontDoor {
+            local,
+            shared,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// The bound address (with the real port when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Sends new connections to `127.0.0.1:port` from now on; returns the previous port.
+    pub fn set_upstream(&self, port: u16) -> Option<u16> {
+        let previous = self.shared.routes().upstream.replace(port);
+        tracing::info!(upstream = port, previous, "front door switched");
+        previous
+    }
+
+    /// Stops forwarding new connections (they are accepted and closed); returns the
+    /// previous port. Open connections are not touched.
+    pub fn clear_upstream(&self) -> Option<u16> {
+        self.shared.routes().upstream.take()
+    }
+
+    /// The port new connections go to.
+    pub fn upstream(&self) -> Option<u16> {
+        self.shared.routes().upstream
+    }
+
+    /// Connections open to `port` right now.
+    pub fn connections_to(&self, port: u16) -> usize {
+        self.shared.routes().open.get(&port).copied().unwrap_or(0)
+    }
+
+    /// Waits until no connection is open to `port`, or `deadline`; returns whether it
+    /// drained. Call it after switching away from `port`.
+    pub async fn wait_drained(&self, port: u16, deadline: Instant) -> bool {
+        loop {
+            let closed = self.shared.closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read, so a close in between is not missed.
+            closed.as_mut().enable();
+            if self.connections_to(port) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return self.connections_to(port) == 0;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> DoorStats {
+        DoorStats {
+            accepted: self.shared.accepted.load(Ordering::Relaxed),
+            no_upstream: self.shared.no_upstream.load(Ordering::Relaxed),
+            upstream_failed: self.shared.upstream_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes the public port, lets open connections finish for up to `grace`, then cuts
+    /// the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(grace);
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for FrontDoor {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Aborting drops the listener and the set of connection tasks, which aborts them.
+            task.abort();
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<Duration>) {
+    let mut connections = JoinSet::new();
+    let grace = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    shared.accepted.fetch_add(1, Ordering::Relaxed);
+                    match shared.lease() {
+                        Some(lease) => {
+                            connections.spawn(forward(client, peer, lease));
+                        }
+                        None => {
+                            shared.no_upstream.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "no version to forward to; closing the connection");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "front door cannot accept a connection");
+                    if is_resource_exhaustion(&error) {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                }
+            },
+            // Reap finished connections so the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            grace = &mut stop => break grace.unwrap_or(Duration::ZERO),
+        }
+    };
+    drop(listener);
+    tracing::info!(
+        open = connections.len(),
+        "front door closed; letting open connections finish"
+    );
+    let finished = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::info!(
+            cut = connections.len(),
+            "front door grace over; cutting connections"
+        );
+    }
+}
+
+fn is_resource_exhaustion(error: &io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|errno| error.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+async fn forward(mut client: TcpStream, peer: SocketAddr, mut lease: Lease) {
+    let mut upstream = match TcpStream::connect((Ipv4Addr::LOCALHOST, lease.port)).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            // The door may have been switched while this connection was being opened, to
+            // the version that is stopping: one more try to wherever the door points now.
+            let retried = match lease.shared.lease() {
+                Some(newer) if newer.port != lease.port => {
+                    lease = newer;
+                    TcpStream::connect((Ipv4Addr::LOCALHOST, lease.port))
+                        .await
+                        .ok()
+                }
+                _ => None,
+            };
+            match retried {
+                Some(upstream) => upstream,
+                None => {
+                    lease.shared.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, upstream = lease.port, %error, "the version refused the connection; closing it");
+                    return;
+                }
+            }
+        }
+    };
+    // Small writes (requests, interactive protocols) must not wait for Nagle.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        UP_BUFFER,
+        DOWN_BUFFER,
+    )
+    .await
+    {
+        Ok((up, down)) => {
+            tracing::trace!(%peer, upstream = lease.port, up, down, "connection closed")
+        }
+        Err(error) => {
+            tracing::debug!(%peer, upstream = lease.port, %error, "connection ended with an error")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

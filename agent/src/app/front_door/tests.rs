@@ -1,0 +1,308 @@
+use std::sync::atomic::AtomicBool;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+use crate::app::ports::pick_free;
+use crate::app::testing::{eventually, healthy_sample, Dirs, DEADLINE};
+
+async fn open_door() -> FrontDoor {
+    FrontDoor::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap()
+}
+
+/// Sends `GET path` on a keep-alive connection and returns the body of the answer.
+async fn get(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = stream.read_u8().await.expect("an answer");
+        head.push(byte);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("a content length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+#[tokio::test]
+async fn new_connections_follow_the_flip_and_open_ones_stay_with_their_version() {
+    let dirs = Dirs::new();
+    let v1 = healthy_sample(&dirs, "v1").await;
+    let v2 = healthy_sample(&dirs, "v2").await;
+    let door = open_door().await;
+    assert_eq!(door.set_upstream(v1.port()), None);
+
+    let mut first = TcpStream::connect(door.local_addr()).await.unwrap();
+    assert_eq!(get(&mut first, "/version").await, "v1\n");
+    assert_eq!(door.set_upstream(v2.port()), Some(v1.port()));
+    assert_eq!(door.upstream(), Some(v2.port()));
+    assert_eq!(door.connections_to(v1.port()), 1);
+    assert_eq!(
+        get(&mut first, "/version").await,
+        "v1\n",
+        "an open connection stays"
+    );
+
+    let mut second = TcpStream::connect(door.local_addr()).await.unwrap();
+    assert_eq!(get(&mut second, "/version").await, "v2\n");
+    assert_eq!(door.connections_to(v2.port()), 1);
+    assert!(
+        !door
+            .wait_drained(v1.port(), Instant::now() + Duration::from_millis(100))
+            .await,
+        "v1 still has a connection"
+    );
+    drop(first);
+    assert!(
+        door.wait_drained(v1.port(), Instant::now() + DEADLINE)
+            .await
+    );
+    assert_eq!(door.connections_to(v1.port()), 0);
+    assert_eq!(
+        door.stats(),
+        DoorStats {
+            accepted: 2,
+            no_upstream: 0,
+            upstream_failed: 0
+        }
+    );
+    v1.stop(DEADLINE).await;
+    v2.stop(DEADLINE).await;
+}
+
+/// Reads until the door closes the connection; true if it did without sending anything.
+async fn closed_at_once(door: &FrontDoor) -> bool {
+    let mut stream = TcpStream::connect(door.local_addr()).await.unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn without_a_working_upstream_connections_are_closed_and_the_door_stays_open() {
+    let dirs = Dirs::new();
+    let door = open_door().await;
+    assert!(closed_at_once(&door).await);
+    assert_eq!(door.stats().no_upstream, 1);
+
+    let nobody = pick_free(&[]).unwrap();
+    door.set_upstream(nobody);
+    assert!(closed_at_once(&door).await);
+    assert_eq!(door.stats().upstream_failed, 1);
+    assert_eq!(door.connections_to(nobody), 0);
+
+    let v1 = healthy_sample(&dirs, "v1").await;
+    door.set_upstream(v1.port());
+    let mut stream = TcpStream::connect(door.local_addr()).await.unwrap();
+    assert_eq!(get(&mut stream, "/version").await, "v1\n");
+    assert_eq!(door.clear_upstream(), Some(v1.port()));
+    assert!(closed_at_once(&door).await);
+    v1.stop(DEADLINE).await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_port_and_lets_open_requests_finish() {
+    let dirs = Dirs::new();
+    let v1 = healthy_sample(&dirs, "v1").await;
+    let door = open_door().await;
+    door.set_upstream(v1.port());
+    let addr = door.local_addr();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /work?ms=500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the slow request to be forwarded", || async {
+        (door.connections_to(v1.port()) == 1).then_some(())
+    })
+    .await;
+    let shutdown = tokio::spawn(door.shutdown(DEADLINE));
+    eventually("the port to close", || async {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("worked 500 ms\n"), "{answer}");
+    drop(slow);
+    tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    v1.stop(DEADLINE).await;
+}
+
+/// The acceptance test: clients hammer the door while it flips between two
+/// versions; not one request may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipping_between_versions_under_load_fails_no_request() {
+    const WORKERS: usize = 8;
+    const FLIPS: usize = 60;
+    let dirs = Dirs::new();
+    let v1 = healthy_sample(&dirs, "v1").await;
+    let v2 = healthy_sample(&dirs, "v2").await;
+    let door = open_door().await;
+    door.set_upstream(v1.port());
+    let url = format!("http://{}/", door.local_addr());
+
+    let running = Arc::new(AtomicBool::new(true));
+    let mut workers = JoinSet::new();
+    for worker in 0..WORKERS {
+        // Most workers open a connection per request, so each one crosses the flip;
+        // worker 0 keeps its connection alive, as browsers and proxies do.
+        let mut client = reqwest::Client::builder().no_proxy();
+        if worker != 0 {
+            client = client.pool_max_idle_per_host(0);
+        }
+        let client = client.build().unwrap();
+        let (url, running) = (url.clone(), running.clone());
+        workers.spawn(async move {
+            let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
+            while running.load(Ordering::Relaxed) {
+                let result = async {
+                    let response = client.get(&url).send().await?;
+                    let status = response.status();
+                    Ok::<_, reqwest::Error>((status, response.text().await?))
+                }
+                .await;
+                match result {
+                    Ok((status, body)) if status.is_success() => {
+                        *answered.entry(body).or_default() += 1
+                    }
+                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                    Err(error) => failures.push(format!("{error:?}")),
+                }
+            }
+            (answered, failures)
+        });
+    }
+    let started = std::time::Instant::now();
+    for flip in 0..FLIPS {
+        // Pacing, not an assertion: let some requests through between flips.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        door.set_upstream(if flip % 2 == 0 { v2.port() } else { v1.port() });
+    }
+    running.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
+    while let Some(result) = workers.join_next().await {
+        let (worker_answered, worker_failures) = result.unwrap();
+        for (body, count) in worker_answered {
+            *answered.entry(body).or_default() += count;
+        }
+        failures.extend(worker_failures);
+    }
+    let total: usize = answered.values().sum();
+    println!(
+        "front door flip under load: {FLIPS} flips in {:.2} s, {total} requests ({:.0}/s) by {WORKERS} clients, {} failed; answers {answered:?}; {:?}",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        failures.len(),
+        door.stats(),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        answered.get("sample-app v1\n").copied().unwrap_or(0) > 0,
+        "{answered:?}"
+    );
+    assert!(
+        answered.get("sample-app v2\n").copied().unwrap_or(0) > 0,
+        "{answered:?}"
+    );
+    assert!(total >= FLIPS, "too little load to mean anything: {total}");
+    let stats = door.stats();
+    assert_eq!(
+        (stats.no_upstream, stats.upstream_failed),
+        (0, 0),
+        "{stats:?}"
+    );
+    v1.stop(DEADLINE).await;
+    v2.stop(DEADLINE).await;
+}
+
+/// Downloads `/files/big` from `addr` on a fresh connection; returns the bytes received
+/// (headers included) and the time taken.
+async fn download(addr: SocketAddr) -> (usize, Duration) {
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /files/big HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    (total, started.elapsed())
+}
+
+/// A large download through the door must flow at close to the speed of going direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_download_through_the_door_runs_close_to_direct_speed() {
+    const SIZE: usize = 128 * 1024 * 1024;
+    const ROUNDS: usize = 3;
+    let dirs = Dirs::new();
+    std::fs::write(dirs.slot().join("big"), vec![0x5a; SIZE]).unwrap();
+    let v1 = healthy_sample(&dirs, "v1").await;
+    let door = open_door().await;
+    door.set_upstream(v1.port());
+    let direct_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, v1.port()));
+
+    let (mut direct, mut proxied) = (Duration::MAX, Duration::MAX);
+    for _ in 0..ROUNDS {
+        let (bytes, took) = download(direct_addr).await;
+        assert!(bytes > SIZE, "direct download cut short: {bytes}");
+        direct = direct.min(took);
+        let (proxied_bytes, took) = download(door.local_addr()).await;
+        assert_eq!(proxied_bytes, bytes, "the door changed the byte count");
+        proxied = proxied.min(took);
+    }
+    let rate = |took: Duration| SIZE as f64 / took.as_secs_f64() / (1024.0 * 1024.0);
+    let ratio = rate(proxied) / rate(direct);
+    println!(
+        "front door throughput: direct {:.0} MiB/s, through the door {:.0} MiB/s, ratio {ratio:.2} ({} MiB, best of {ROUNDS})",
+        rate(direct),
+        rate(proxied),
+        SIZE / (1024 * 1024)
+    );
+    // Loose on purpose: CI machines are shared and this may be a debug build.
+    assert!(
+        ratio > 0.4,
+        "the door is far slower than going direct: ratio {ratio:.2}"
+    );
+    assert!(
+        door.wait_drained(v1.port(), Instant::now() + DEADLINE)
+            .await
+    );
+    v1.stop(DEADLINE).await;
+}
