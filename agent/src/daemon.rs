@@ -14,7 +14,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often probation probes and grace periods are looked at.
+const TICK: Duration = Duration::from_millis(100);
 
 use anyhow::Context as _;
 use images::assemble::LocalChunks;
@@ -31,6 +34,7 @@ use crate::fetch::{self, FetchLink, FetchNote, Inbound, StageJob, StageReport};
 use crate::journal::{write_atomic, Journal};
 use crate::link::{self, LinkEvent};
 use crate::node::{self, DeployPlan, Installed, NodeState, Phase, Refusal};
+use crate::serving::{Serving, Verdict};
 use crate::slots::Slots;
 
 /// Validated settings for `agent run`.
@@ -73,6 +77,7 @@ pub struct Daemon {
     staging: Option<Staging>,
     notes_tx: mpsc::Sender<FetchNote>,
     http: reqwest::Client,
+    serving: Serving,
 }
 
 /// Everything the run loop reacts to.
@@ -80,6 +85,8 @@ enum Wake {
     Link(LinkEvent),
     Note(FetchNote),
     Staged(Result<Result<StageReport, fetch::StageError>, tokio::task::JoinError>),
+    /// Time to probe a version on probation or retire a warm one.
+    Tick,
     Shutdown,
 }
 
@@ -105,6 +112,7 @@ pub async fn run(
     let link_task = tokio::spawn(link::drive(eventloop, link_tx));
     let (notes_tx, mut notes_rx) = mpsc::channel(64);
     let http = fetch::http_client().context("cannot set up the HTTP client")?;
+    let serving = Serving::new(&config.data_dir).await;
 
     let mut daemon = Daemon {
         config,
@@ -116,11 +124,14 @@ pub async fn run(
         staging: None,
         notes_tx,
         http,
+        serving,
     };
-    daemon.recover()?;
+    daemon.recover().await?;
     tracing::info!(node = %daemon.config.node, current = ?daemon.state.current.as_ref().map(|c| c.release.to_string()), "agent started");
 
     tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::select! {
             // Broker traffic: (re)connections, commands and chunk frames.
@@ -129,6 +140,8 @@ pub async fn run(
             Some(note) = notes_rx.recv() => Wake::Note(note),
             // The staging task finished (or failed, or panicked).
             result = async { (&mut daemon.staging.as_mut().expect("guarded").task).await }, if daemon.staging.is_some() => Wake::Staged(result),
+            // Probation probes and the end of a grace period.
+            _ = tick.tick(), if daemon.serving.needs_tick() => Wake::Tick,
             // SIGTERM / ctrl-c: nothing is mid-flip here, since flips complete within one branch.
             () = &mut shutdown => Wake::Shutdown,
         };
@@ -143,11 +156,12 @@ pub async fn run(
                         let inbound = staging.inbound.clone();
                         let _ = inbound.send(Inbound::Frame(payload)).await;
                     }
-                    None => daemon.on_message(&topic, payload)?,
+                    None => daemon.on_message(&topic, payload).await?,
                 }
             }
             Wake::Note(note) => daemon.on_note(note),
-            Wake::Staged(result) => daemon.on_staged(result)?,
+            Wake::Staged(result) => daemon.on_staged(result).await?,
+            Wake::Tick => daemon.on_tick().await?,
             Wake::Shutdown => break,
         }
     }
@@ -155,6 +169,7 @@ pub async fn run(
     if let Some(staging) = daemon.staging.take() {
         staging.task.abort();
     }
+    daemon.serving.stop_all().await;
     let presence = serde_json::to_vec(&messages::Presence { online: false }).expect("serializes");
     let presence_topic = daemon
         .config
@@ -172,16 +187,16 @@ pub async fn run(
 
 impl Daemon {
     /// Brings the node to a consistent state after a start or a crash; see the module doc.
-    fn recover(&mut self) -> anyhow::Result<()> {
+    async fn recover(&mut self) -> anyhow::Result<()> {
         if let Some(target) = self.state.target.clone() {
             match target.phase {
                 Phase::Switching => {
                     tracing::info!(release = %target.installed.release, "completing an interrupted switch");
-                    self.switch(Instant::now(), StageReport::default())?;
+                    self.switch(Instant::now(), StageReport::default()).await?;
                 }
                 Phase::Staging => {
                     tracing::info!(release = %target.installed.release, "resuming an interrupted staging");
-                    self.start_staging(target)?;
+                    self.start_staging(target).await?;
                 }
             }
         }
@@ -192,6 +207,7 @@ impl Daemon {
                 self.slots.activate(&current.slot)?;
             }
         }
+        self.serve_current().await?;
         self.collect_garbage();
         self.report();
         Ok(())
@@ -220,10 +236,10 @@ impl Daemon {
         self.report();
     }
 
-    fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> anyhow::Result<()> {
+    async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> anyhow::Result<()> {
         match self.config.topics.parse_node_topic(topic) {
             Some((node, NodeTopic::Command)) if node == self.config.node => {
-                self.on_command(&payload)
+                self.on_command(&payload).await
             }
             _ => {
                 tracing::debug!(topic, "ignoring a message on an unexpected topic");
@@ -232,7 +248,7 @@ impl Daemon {
         }
     }
 
-    fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+    async fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
         let now = now();
         let command = match node::open_command(
             payload,
@@ -251,8 +267,13 @@ impl Daemon {
             }
         };
         let Some(envelope) = node::deploy_manifest(&command) else {
-            tracing::info!(seq = command.seq, action = command.action.name(), "command accepted");
-            return self.roll_back(Some(command.seq), "asked by the operator".to_owned());
+            tracing::info!(
+                seq = command.seq,
+                action = command.action.name(),
+                "command accepted"
+            );
+            let reason = "asked by the operator".to_owned();
+            return self.roll_back(Some(command.seq), reason, Vec::new()).await;
         };
         let (manifest, digest) = match node::open_manifest(envelope, &self.config.trust) {
             Ok(opened) => opened,
@@ -281,7 +302,7 @@ impl Daemon {
             }
             DeployPlan::Stage(target) => {
                 self.cancel_staging();
-                self.start_staging(target)?;
+                self.start_staging(target).await?;
             }
         }
         Ok(())
@@ -318,7 +339,7 @@ impl Daemon {
     }
 
     /// Starts fetching and assembling `target`'s slot, reusing chunks from the installed slots.
-    fn start_staging(&mut self, target: node::Target) -> anyhow::Result<()> {
+    async fn start_staging(&mut self, target: node::Target) -> anyhow::Result<()> {
         let node::Target {
             installed: target,
             http_sources,
@@ -332,7 +353,7 @@ impl Daemon {
                 Ok(()) => {
                     self.state.staged();
                     self.journal.save(&self.state)?;
-                    return self.switch(Instant::now(), StageReport::default());
+                    return self.switch(Instant::now(), StageReport::default()).await;
                 }
                 Err(e) => {
                     tracing::warn!(slot = %target.slot, error = %e, "found an unverifiable slot; staging it again");
@@ -420,7 +441,7 @@ impl Daemon {
         }
     }
 
-    fn on_staged(
+    async fn on_staged(
         &mut self,
         result: Result<Result<StageReport, fetch::StageError>, tokio::task::JoinError>,
     ) -> anyhow::Result<()> {
@@ -441,22 +462,29 @@ impl Daemon {
                 // Save point 2.
                 self.state.staged();
                 self.journal.save(&self.state)?;
-                self.switch(Instant::now(), report)
+                self.switch(Instant::now(), report).await
             }
             Ok(Err(error)) => {
                 let reason = error.to_string();
-                self.fail(&staging.target, reason, staging.rejected)
+                self.fail(&staging.target, reason, staging.rejected, Vec::new())
             }
             Err(join) if join.is_cancelled() => Ok(()),
             Err(join) => self.fail(
                 &staging.target,
                 format!("staging task crashed: {join}"),
                 staging.rejected,
+                Vec::new(),
             ),
         }
     }
 
-    fn fail(&mut self, target: &Installed, reason: String, rejected: u64) -> anyhow::Result<()> {
+    fn fail(
+        &mut self,
+        target: &Installed,
+        reason: String,
+        rejected: u64,
+        app_output: Vec<String>,
+    ) -> anyhow::Result<()> {
         tracing::error!(release = %target.release, %reason, "update failed; keeping the current version");
         let report = UpdateReport {
             release: target.release.clone(),
@@ -471,31 +499,63 @@ impl Daemon {
                 reason: reason.clone(),
             },
             finished_at: now(),
-            app_output: Vec::new(),
+            app_output,
         };
         self.state.failed(report);
+        // Garbage first: on a full disk the fetched chunks are what frees the room the
+        // journal write needs. A crash in between only means restaging from scratch.
+        self.collect_garbage();
         self.journal.save(&self.state)?;
         self.event(EventKind::UpdateFailed {
             release: target.release.clone(),
             reason,
         });
-        self.collect_garbage();
         self.report();
         Ok(())
     }
 
-    /// Moves the active pointer to the staged target and completes the deploy (save point 3).
-    fn switch(&mut self, started: Instant, staged: StageReport) -> anyhow::Result<()> {
+    /// The run section of an installed release, if it has one.
+    fn run_spec(&self, installed: &Installed) -> anyhow::Result<Option<protocol::RunSpec>> {
+        Ok(self.manifest_of(installed)?.run)
+    }
+
+    /// Completes the deploy of the staged target: with a run section, starts the new
+    /// version beside the old one and moves traffic once it is healthy (a version that does
+    /// not become healthy fails the update and the old one keeps serving); then moves the
+    /// active pointer and records the switch (save point 3), starting the probation.
+    async fn switch(&mut self, started: Instant, staged: StageReport) -> anyhow::Result<()> {
         let Some(target) = self.state.target.clone() else {
             return Ok(());
         };
         debug_assert_eq!(target.phase, Phase::Switching);
+        let installed = &target.installed;
+        let spec = self.run_spec(installed)?;
+        match &spec {
+            Some(spec) => {
+                let dir = self.slots.dir(&installed.slot);
+                let version = match self
+                    .serving
+                    .start(&installed.release, &installed.slot, &dir, spec)
+                    .await
+                {
+                    Ok(version) => version,
+                    Err(e) => return self.fail(installed, e.to_string(), 0, e.output()),
+                };
+                let probation = Duration::from_secs(u64::from(spec.probation_secs));
+                if let Err((e, version)) = self.serving.activate(version, probation).await {
+                    self.serving.discard(version).await;
+                    return self.fail(installed, e.to_string(), 0, e.output());
+                }
+            }
+            // A files-only release: whatever ran before has no place in it.
+            None => self.serving.stop_all().await,
+        }
         self.slots
-            .activate(&target.installed.slot)
-            .with_context(|| format!("cannot point current at slot {}", target.installed.slot))?;
+            .activate(&installed.slot)
+            .with_context(|| format!("cannot point current at slot {}", installed.slot))?;
         let from = self.state.current.as_ref().map(|c| c.release.clone());
         let report = UpdateReport {
-            release: target.installed.release.clone(),
+            release: installed.release.clone(),
             bytes_fetched_mqtt: staged.bytes_fetched_mqtt,
             bytes_fetched_http: staged.bytes_fetched_http,
             bytes_reused: staged.bytes_reused,
@@ -508,10 +568,14 @@ impl Daemon {
             app_output: Vec::new(),
         };
         self.state.switched(report);
+        self.state.probation_until = spec
+            .as_ref()
+            .filter(|s| s.probation_secs > 0)
+            .map(|s| now() + u64::from(s.probation_secs));
         self.journal.save(&self.state)?;
-        tracing::info!(release = %target.installed.release, from = ?from.as_ref().map(|r| r.to_string()), "switched");
+        tracing::info!(release = %installed.release, from = ?from.as_ref().map(|r| r.to_string()), "switched");
         self.event(EventKind::Switched {
-            release: target.installed.release,
+            release: installed.release.clone(),
             from,
         });
         self.collect_garbage();
@@ -519,12 +583,80 @@ impl Daemon {
         Ok(())
     }
 
+    /// Makes the journal's current version serve: after a start or a crash, nothing the
+    /// agent ran survives it. A probation interrupted by the crash continues; a current
+    /// version that no longer starts sends the node back to the previous one.
+    async fn serve_current(&mut self) -> anyhow::Result<()> {
+        let Some(current) = self.state.current.clone() else {
+            return Ok(());
+        };
+        let Some(spec) = self.run_spec(&current)? else {
+            return Ok(());
+        };
+        let dir = self.slots.dir(&current.slot);
+        let failure = match self
+            .serving
+            .start(&current.release, &current.slot, &dir, &spec)
+            .await
+        {
+            Ok(version) => {
+                let left = self
+                    .state
+                    .probation_until
+                    .map_or(0, |until| until.saturating_sub(now()));
+                match self
+                    .serving
+                    .activate(version, Duration::from_secs(left))
+                    .await
+                {
+                    Ok(()) => return Ok(()),
+                    Err((e, version)) => {
+                        self.serving.discard(version).await;
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        tracing::error!(release = %current.release, error = %failure, "the current version does not serve after a restart");
+        if self.state.previous.is_some() {
+            let reason = format!("{failure} (after the agent restarted)");
+            self.roll_back(None, reason, failure.output()).await?;
+        }
+        Ok(())
+    }
+
+    /// Probation probes and the end of a grace period; a failed probation rolls back.
+    async fn on_tick(&mut self) -> anyhow::Result<()> {
+        match self.serving.tick().await {
+            Verdict::Fine => Ok(()),
+            Verdict::Kept => {
+                tracing::info!(release = ?self.serving.active_release().map(|r| r.to_string()), "probation passed");
+                self.state.probation_until = None;
+                self.journal.save(&self.state)?;
+                self.report();
+                Ok(())
+            }
+            Verdict::Failed { reason, output } => {
+                tracing::error!(%reason, "rolling back by itself");
+                self.roll_back(None, reason, output).await
+            }
+        }
+    }
+
     /// Returns to the previous version: save point first (the journal names the previous
-    /// version as current), then the pointer. Needs no download: the slot is on disk.
-    fn roll_back(&mut self, seq: Option<u64>, reason: String) -> anyhow::Result<()> {
+    /// version as current), then traffic (a flip when it is still warm, a start from its
+    /// slot otherwise), then the pointer. Needs no download: the slot is on disk. `seq` is
+    /// the operator's command; `None` when the agent decides (failed probation).
+    async fn roll_back(
+        &mut self,
+        seq: Option<u64>,
+        reason: String,
+        app_output: Vec<String>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         self.cancel_staging();
-        let from = self.state.current.as_ref().map(|c| c.release.clone());
+        let from = self.state.current.clone();
         if let Err(refusal) = self.state.roll_back(seq) {
             self.journal.save(&self.state)?;
             self.reject("rollback", &refusal);
@@ -537,26 +669,56 @@ impl Daemon {
             .current
             .clone()
             .context("a rollback always leaves a current version")?;
+        match self.run_spec(&current)? {
+            Some(_) if self.serving.flip_back_to(&current.release).await => {}
+            Some(spec) => {
+                let dir = self.slots.dir(&current.slot);
+                let started_old = self
+                    .serving
+                    .start(&current.release, &current.slot, &dir, &spec)
+                    .await;
+                let activated = match started_old {
+                    Ok(version) => match self.serving.activate(version, Duration::ZERO).await {
+                        Ok(()) => Ok(()),
+                        Err((e, version)) => {
+                            self.serving.discard(version).await;
+                            Err(e)
+                        }
+                    },
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = activated {
+                    // The old version cannot serve: stay on the one that does.
+                    self.state.roll_back(None).context("undoing a rollback")?;
+                    let report = UpdateReport {
+                        outcome: Outcome::Failed {
+                            reason: format!("rollback ({reason}) failed: {e}"),
+                        },
+                        app_output: e.output(),
+                        ..self.bare_report(&current.release, started)
+                    };
+                    self.state.finished(report);
+                    self.journal.save(&self.state)?;
+                    tracing::error!(error = %e, "rollback failed; staying on the version that serves");
+                    self.report();
+                    return Ok(());
+                }
+            }
+            None => self.serving.stop_all().await,
+        }
         self.slots
             .activate(&current.slot)
             .with_context(|| format!("cannot point current at slot {}", current.slot))?;
         let report = UpdateReport {
-            release: current.release.clone(),
-            bytes_fetched_mqtt: 0,
-            bytes_fetched_http: 0,
-            bytes_reused: 0,
-            chunks_fetched: 0,
-            chunks_rejected: 0,
-            staging_ms: 0,
-            switch_ms: started.elapsed().as_millis() as u64,
             outcome: Outcome::RolledBack {
                 reason: reason.clone(),
             },
-            finished_at: now(),
-            app_output: Vec::new(),
+            app_output,
+            ..self.bare_report(&current.release, started)
         };
         self.state.finished(report);
         self.journal.save(&self.state)?;
+        let from = from.map(|f| f.release);
         tracing::info!(release = %current.release, from = ?from.as_ref().map(|r| r.to_string()), %reason, "rolled back");
         self.event(EventKind::RolledBack {
             release: current.release,
@@ -566,6 +728,23 @@ impl Daemon {
         self.collect_garbage();
         self.report();
         Ok(())
+    }
+
+    /// An update report for something that moved no bytes (a rollback), timed from `started`.
+    fn bare_report(&self, release: &protocol::ReleaseId, started: Instant) -> UpdateReport {
+        UpdateReport {
+            release: release.clone(),
+            bytes_fetched_mqtt: 0,
+            bytes_fetched_http: 0,
+            bytes_reused: 0,
+            chunks_fetched: 0,
+            chunks_rejected: 0,
+            staging_ms: 0,
+            switch_ms: started.elapsed().as_millis() as u64,
+            outcome: Outcome::Switched,
+            finished_at: now(),
+            app_output: Vec::new(),
+        }
     }
 
     /// Removes slots, fetched chunks and manifests nothing refers to any more.

@@ -17,4 +17,5 @@ pub mod fetch;
 pub mod journal;
 pub mod link;
 pub mod node;
+pub mod serving;
 pub mod slots;

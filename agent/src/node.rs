@@ -72,6 +72,10 @@ pub struct NodeState {
     pub previous: Option<Installed>,
     pub target: Option<Target>,
     pub last_update: Option<UpdateReport>,
+    /// While the current version is on probation: when it ends. A failure before then
+    /// returns the node to the previous version; an agent restart resumes the probation.
+    #[serde(default)]
+    pub probation_until: Option<UnixSeconds>,
 }
 
 /// Why a message was refused. Shown to operators in the node's events.
@@ -261,6 +265,7 @@ impl NodeState {
             return Err(Refusal::NoPrevious);
         };
         self.target = None;
+        self.probation_until = None;
         self.previous = self.current.replace(previous);
         Ok(())
     }
@@ -319,13 +324,22 @@ mod tests {
         }
         s.accept_deploy(3, release("3"), Digest::of(b"3"), vec![], 0);
         s.roll_back(Some(4)).expect("has a previous version");
-        assert_eq!(s.current.as_ref().map(|c| c.release.clone()), Some(release("1")));
-        assert_eq!(s.previous.as_ref().map(|c| c.release.clone()), Some(release("2")));
+        assert_eq!(
+            s.current.as_ref().map(|c| c.release.clone()),
+            Some(release("1"))
+        );
+        assert_eq!(
+            s.previous.as_ref().map(|c| c.release.clone()),
+            Some(release("2"))
+        );
         assert_eq!(s.target, None);
         assert_eq!(s.last_seq, 4);
         // And back again: the version left behind stays one rollback away.
         s.roll_back(None).expect("has a previous version");
-        assert_eq!(s.current.as_ref().map(|c| c.release.clone()), Some(release("2")));
+        assert_eq!(
+            s.current.as_ref().map(|c| c.release.clone()),
+            Some(release("2"))
+        );
         assert_eq!(s.last_seq, 4);
     }
 

@@ -89,10 +89,14 @@ pub struct StagingProgress {
 pub enum Outcome {
     Switched,
     /// The update did not happen; the node stayed on the version it had.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     /// The node went back to its previous version: asked by an operator, or by itself when
     /// the new version failed during the switch or its probation (`reason` says which).
-    RolledBack { reason: String },
+    RolledBack {
+        reason: String,
+    },
 }
 
 /// What the last update cost and how it ended.

@@ -152,7 +152,9 @@ fn default_timeout() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunSpecError {
-    #[error("run.command {0:?} must be a path inside the release (bin/server) or an absolute path")]
+    #[error(
+        "run.command {0:?} must be a path inside the release (bin/server) or an absolute path"
+    )]
     BadCommand(String),
     #[error("run.{field}: {why}")]
     Invalid { field: &'static str, why: String },
@@ -196,7 +198,10 @@ fn check_argv(field: &'static str, argv: &[String]) -> Result<(), RunSpecError> 
 
 fn check_secs(field: &'static str, secs: u32, min: u32) -> Result<(), RunSpecError> {
     if !(min..=MAX_SECS).contains(&secs) {
-        return Err(invalid(field, format!("must be {min}..={MAX_SECS} seconds")));
+        return Err(invalid(
+            field,
+            format!("must be {min}..={MAX_SECS} seconds"),
+        ));
     }
     Ok(())
 }
@@ -231,9 +236,13 @@ impl RunSpec {
         check_secs("stop_timeout_secs", self.stop_timeout_secs, 1)?;
         self.health_check()?;
         let health = &self.health;
-        if !(50..=60_000).contains(&health.interval_ms) || !(50..=60_000).contains(&health.timeout_ms)
+        if !(50..=60_000).contains(&health.interval_ms)
+            || !(50..=60_000).contains(&health.timeout_ms)
         {
-            return Err(invalid("health", "interval_ms and timeout_ms must be 50..=60000"));
+            return Err(invalid(
+                "health",
+                "interval_ms and timeout_ms must be 50..=60000",
+            ));
         }
         match self.strategy()? {
             Strategy::FrontDoor(door) => {
@@ -269,8 +278,14 @@ impl RunSpec {
         let h = &self.health;
         match (&h.http, h.tcp, &h.command) {
             (Some(path), false, None) => {
-                if !path.starts_with('/') || path.len() > MAX_STRING || path.contains(char::is_whitespace) {
-                    return Err(invalid("health.http", "must be a URL path such as /healthz"));
+                if !path.starts_with('/')
+                    || path.len() > MAX_STRING
+                    || path.contains(char::is_whitespace)
+                {
+                    return Err(invalid(
+                        "health.http",
+                        "must be a URL path such as /healthz",
+                    ));
                 }
                 Ok(HealthCheck::Http { path })
             }
@@ -327,11 +342,21 @@ mod tests {
             spec(v).validate().expect_err("refused").to_string()
         };
         assert!(with(serde_json::json!({ "command": "../../bin/sh" })).contains("run.command"));
-        assert!(with(serde_json::json!({ "hooks": { "switch": ["true"] } })).contains("exactly one"));
+        assert!(
+            with(serde_json::json!({ "hooks": { "switch": ["true"] } })).contains("exactly one")
+        );
         assert!(with(serde_json::json!({ "front_door": null })).contains("exactly one"));
-        assert!(with(serde_json::json!({ "front_door": { "listen": "8080" } })).contains("front_door.listen"));
-        assert!(with(serde_json::json!({ "health": { "http": "/h", "tcp": true } })).contains("at most one"));
-        assert!(with(serde_json::json!({ "health": { "http": "healthz" } })).contains("health.http"));
+        assert!(
+            with(serde_json::json!({ "front_door": { "listen": "8080" } }))
+                .contains("front_door.listen")
+        );
+        assert!(
+            with(serde_json::json!({ "health": { "http": "/h", "tcp": true } }))
+                .contains("at most one")
+        );
+        assert!(
+            with(serde_json::json!({ "health": { "http": "healthz" } })).contains("health.http")
+        );
         assert!(with(serde_json::json!({ "env": { "1X": "v" } })).contains("run.env"));
         assert!(with(serde_json::json!({ "start_timeout_secs": 0 })).contains("start_timeout_secs"));
         assert!(with(serde_json::json!({ "probation_secs": 90_000 })).contains("probation_secs"));
@@ -345,7 +370,11 @@ mod tests {
             "command": "bin/server",
             "hooks": { "switch": [], "stop": ["systemctl", "stop", "app"] }
         }));
-        assert!(s.validate().expect_err("refused").to_string().contains("hooks.switch"));
+        assert!(s
+            .validate()
+            .expect_err("refused")
+            .to_string()
+            .contains("hooks.switch"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::ffi::OsString;
 use std::fmt::Display;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::rc::Rc;
@@ -12,14 +12,17 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ed25519_dalek::SigningKey;
-use protocol::messages::NodeState;
-use protocol::{AppName, NodeId, ReleaseId, Topics, TrustedKeys, Version};
+use protocol::messages::{NodeState, UpdateReport};
+use protocol::{AppName, Digest, NodeId, ReleaseId, Topics, TrustedKeys, Version};
 use tempfile::TempDir;
 
 use crate::bins::Bins;
+use crate::chunks::{paths_named, store_digests};
 use crate::mosquitto::Mosquitto;
 use crate::mqtt::TestClient;
+use crate::netns::NetNs;
 use crate::process::{free_addr, log_tail, run, Proc};
+use crate::tmpfs::Tmpfs;
 use crate::wait::{wait_for, Fatal};
 
 /// How long a CLI call may take.
@@ -38,6 +41,17 @@ pub enum Broker {
     Mosquitto,
 }
 
+/// Options for [`Fleet::start_with_options`].
+#[derive(Debug, Clone, Default)]
+pub struct FleetOptions {
+    /// The address the coordinator's HTTP API and embedded broker listen on (ports are
+    /// still picked free); 127.0.0.1 when `None`. Use [`NetNs::host_ip`] so agents in a
+    /// namespace reach it. Only with [`Broker::Embedded`].
+    pub listen_ip: Option<IpAddr>,
+    /// `--public-url`: the coordinator's own chunk source in deploy commands.
+    pub public_url: Option<String>,
+}
+
 /// Options for [`Fleet::agents_with`].
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
@@ -47,6 +61,11 @@ pub struct AgentOptions {
     pub max_fetch_rate: Option<u64>,
     /// `--no-http`: fetch chunks over MQTT only.
     pub no_http: bool,
+    /// Run the agent inside this network namespace ([`NetNs::name`]); needs root. The
+    /// fleet must listen where the namespace reaches it ([`FleetOptions::listen_ip`]).
+    pub netns: Option<String>,
+    /// Mount a tmpfs of this many bytes as the agent's data directory; needs root.
+    pub data_tmpfs: Option<u64>,
 }
 
 /// A coordinator with its broker, and the agents started through it.
@@ -73,6 +92,16 @@ impl Fleet {
 
     /// Like [`Fleet::start`] with the given binaries (the bench uses release builds).
     pub fn start_with(broker: Broker, bins: Bins) -> Result<Fleet> {
+        Fleet::start_with_options(broker, bins, &FleetOptions::default())
+    }
+
+    /// Like [`Fleet::start_with`], with where the coordinator listens and what it tells
+    /// agents.
+    pub fn start_with_options(broker: Broker, bins: Bins, options: &FleetOptions) -> Result<Fleet> {
+        if options.listen_ip.is_some() && broker != Broker::Embedded {
+            bail!("FleetOptions::listen_ip works with the embedded broker only");
+        }
+        let listen_ip = options.listen_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let dir = tempfile::Builder::new().prefix("fleet-").tempdir()?;
         let keys = dir.path().join("keys");
         let out = run(
@@ -97,9 +126,9 @@ impl Fleet {
         };
         let mqtt = match &mosquitto {
             Some(m) => m.addr(),
-            None => free_addr()?,
+            None => free_addr_on(listen_ip)?,
         };
-        let http = free_addr()?;
+        let http = free_addr_on(listen_ip)?;
         let data = dir.path().join("coordinator");
         let mut args: Vec<OsString> = vec![
             "serve".into(),
@@ -110,6 +139,9 @@ impl Fleet {
             "--http".into(),
             http.to_string().into(),
         ];
+        if let Some(url) = &options.public_url {
+            args.extend(["--public-url".into(), url.into()]);
+        }
         match &mosquitto {
             Some(m) => args.extend(["--broker".into(), m.url().into()]),
             None => args.extend([
@@ -197,7 +229,15 @@ impl Fleet {
         let dir = self.dir().join("agents").join(id);
         std::fs::create_dir_all(&dir)?;
         let data = dir.join("data");
-        let mut args: Vec<OsString> = vec![
+        let tmpfs = match options.data_tmpfs {
+            Some(size) => Some(Tmpfs::mount(&data, size)?),
+            None => None,
+        };
+        let (program, mut args) = match &options.netns {
+            Some(name) => NetNs::command_in(name, &self.bins.agent)?,
+            None => (self.bins.agent.clone(), Vec::new()),
+        };
+        args.extend::<[OsString; 9]>([
             "run".into(),
             "--data".into(),
             data.clone().into(),
@@ -207,7 +247,7 @@ impl Fleet {
             self.broker_url().into(),
             "--trust".into(),
             self.keys.join("trust.json").into(),
-        ];
+        ]);
         for (k, v) in &options.labels {
             args.extend(["--label".into(), format!("{k}={v}").into()]);
         }
@@ -219,7 +259,7 @@ impl Fleet {
         }
         let proc = Proc::spawn(
             &format!("agent {id}"),
-            &self.bins.agent,
+            &program,
             args,
             dir.join("agent.log"),
         )?;
@@ -228,6 +268,7 @@ impl Fleet {
             data,
             bin: self.bins.agent.clone(),
             proc: RefCell::new(proc),
+            tmpfs,
         })))
     }
 
@@ -243,6 +284,31 @@ impl Fleet {
             "--version",
             version,
         ])
+    }
+
+    /// `coordinator release publish SRC --app APP --version VER --mirror URL…`: agents try
+    /// the mirrors in order, then the coordinator.
+    pub fn publish_with_mirrors(
+        &self,
+        src: &Path,
+        app: &str,
+        version: &str,
+        mirrors: &[&str],
+    ) -> Result<Output> {
+        let src = src.to_str().context("source path is not UTF-8")?;
+        let mut args = vec![
+            "release",
+            "publish",
+            src,
+            "--app",
+            app,
+            "--version",
+            version,
+        ];
+        for mirror in mirrors {
+            args.extend(["--mirror", mirror]);
+        }
+        self.cli(&args)
     }
 
     /// `coordinator rollout start --app APP --version VER`.
@@ -462,6 +528,28 @@ impl Fleet {
         &self.data
     }
 
+    /// The coordinator's chunk store (`DATA/chunks`).
+    pub fn chunks_dir(&self) -> PathBuf {
+        self.data.join("chunks")
+    }
+
+    /// Waits until `agent` reports an update of `app@version` as finished, either way, and
+    /// returns the report.
+    pub fn wait_update(
+        &self,
+        agent: &Agent,
+        app: &str,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<UpdateReport> {
+        let want = release(app, version)?;
+        self.wait_for(
+            timeout,
+            format_args!("{} to finish updating to {want}", agent.node()),
+            || Ok(agent.status()?.last_update.filter(|u| u.release == want)),
+        )
+    }
+
     /// Every file in the coordinator's chunk store (`DATA/chunks`, any depth), sorted.
     pub fn chunk_files(&self) -> Result<Vec<PathBuf>> {
         fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -514,6 +602,10 @@ impl Drop for Fleet {
         }
         for agent in self.agents.borrow().iter() {
             agent.kill();
+            // Before the temp dir goes, whoever still holds a handle to the agent.
+            if let Some(disk) = agent.tmpfs() {
+                disk.unmount();
+            }
         }
         self.coordinator.borrow_mut().kill();
         if let Some(m) = &self.mosquitto {
@@ -532,6 +624,9 @@ struct AgentInner {
     data: PathBuf,
     bin: PathBuf,
     proc: RefCell<Proc>,
+    // After `proc`, so the agent is dead before its disk is unmounted (the fleet unmounts
+    // it earlier when dropped first).
+    tmpfs: Option<Tmpfs>,
 }
 
 impl Agent {
@@ -542,6 +637,22 @@ impl Agent {
     /// The agent's `--data` directory.
     pub fn data_dir(&self) -> &Path {
         &self.0.data
+    }
+
+    /// The chunks in the agent's fetch store (`DATA/fetch`): verified chunks of the release
+    /// being staged.
+    pub fn fetch_store(&self) -> Result<std::collections::BTreeSet<Digest>> {
+        store_digests(&self.0.data.join("fetch"))
+    }
+
+    /// Leftovers of an interrupted assembly: `*.partial-*` entries anywhere under `DATA`.
+    pub fn partial_dirs(&self) -> Result<Vec<PathBuf>> {
+        paths_named(&self.0.data, ".partial-")
+    }
+
+    /// The tmpfs mounted as the data directory ([`AgentOptions::data_tmpfs`]).
+    pub fn tmpfs(&self) -> Option<&Tmpfs> {
+        self.0.tmpfs.as_ref()
     }
 
     /// `agent status --data DIR --json`, parsed.
@@ -634,6 +745,15 @@ impl Agent {
         let proc = self.0.proc.borrow();
         log_tail(proc.name(), proc.log_path(), lines)
     }
+}
+
+/// A port on `ip` that was free a moment ago.
+fn free_addr_on(ip: IpAddr) -> Result<SocketAddr> {
+    if ip == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        return free_addr();
+    }
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))?;
+    Ok(listener.local_addr()?)
 }
 
 /// `app@version` as a [`ReleaseId`].

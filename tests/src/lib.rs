@@ -21,19 +21,29 @@
 //! deadline and fails saying what it waited for, the fleet's state and each log's tail),
 //! and every process is SIGKILLed and reaped when its owner is dropped.
 
+pub mod bench_data;
 pub mod bins;
+pub mod chunks;
 pub mod fleet;
+pub mod mirror;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod netns;
+pub mod privilege;
 pub mod process;
 pub mod sign;
+pub mod tmpfs;
 pub mod tree;
 pub mod wait;
 
 pub use bins::Bins;
-pub use fleet::{release, Agent, AgentOptions, Broker, Fleet};
+pub use fleet::{release, Agent, AgentOptions, Broker, Fleet, FleetOptions};
+pub use mirror::{Behaviour, Mirror};
 pub use mosquitto::Mosquitto;
 pub use mqtt::TestClient;
+pub use netns::NetNs;
+pub use privilege::require_root;
+pub use tmpfs::Tmpfs;
 pub use tree::{assert_tree_eq, change_tree, copy_tree, tree_diff, write_tree};
 pub use wait::{wait_for, wait_until};
 

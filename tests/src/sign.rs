@@ -42,6 +42,7 @@ pub fn harmless_manifest(app: &str, version: &str, key: &SigningKey) -> Result<E
             path: RelPath::new("empty")?,
             mode: 0o755,
         }],
+        run: None,
     };
     manifest.validate()?;
     Ok(Envelope::seal(&manifest, key))

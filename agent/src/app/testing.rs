@@ -13,8 +13,10 @@ use super::process::{Launch, RestartPolicy, Supervisor};
 /// How long any single wait in these tests may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The `sample-app` binary of this build profile, built first when the tests run under
-/// cargo (a no-op when it is fresh): cargo builds only this package's binaries for its tests.
+/// The `sample-app` binary of this build profile. When it is missing or older than the
+/// sample app's sources and the tests run under cargo, it is built first: cargo builds only
+/// this package's binaries for its tests. (Not built when fresh, because a nested `cargo
+/// build` waits for the build directory's lock, which other builds may hold for minutes.)
 pub fn sample_app() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -23,16 +25,20 @@ pub fn sample_app() -> &'static Path {
         if dir.file_name().is_some_and(|n| n == "deps") {
             dir.pop();
         }
-        if let Ok(cargo) = std::env::var("CARGO") {
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("agent/ lives in the workspace")
-                .join("Cargo.toml");
+        let bin = dir.join("sample-app");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("agent/ lives in the workspace");
+        let stale = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+            Ok(built) => newest_change(&workspace.join("sample-app")).is_some_and(|t| t > built),
+            Err(_) => true,
+        };
+        if let (true, Ok(cargo)) = (stale, std::env::var("CARGO")) {
             let mut build = std::process::Command::new(cargo);
             build
                 .arg("build")
                 .arg("--manifest-path")
-                .arg(&manifest)
+                .arg(workspace.join("Cargo.toml"))
                 .args(["--bin", "sample-app", "-p", "sample-app"]);
             if dir.file_name().is_some_and(|n| n == "release") {
                 build.arg("--release");
@@ -44,7 +50,6 @@ pub fn sample_app() -> &'static Path {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let bin = dir.join("sample-app");
         assert!(
             bin.is_file(),
             "{} is missing: run `cargo build -p sample-app`",
@@ -52,6 +57,21 @@ pub fn sample_app() -> &'static Path {
         );
         bin
     })
+}
+
+/// The latest modification time of any file under `dir` (its sources and manifest).
+fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_change(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(time);
+    }
+    newest
 }
 
 /// A run spec for `command` with `args`, a front door and the given JSON overrides.

@@ -178,12 +178,11 @@ impl StageJob {
         let fetch: u64 = missing.iter().map(|c| u64::from(c.zsize)).sum();
         let needed = fetch + assemble::slot_bytes_needed(&self.manifest, &self.local);
         let dir = self.data_dir();
-        let free = images::disk::available_space(&dir).map_err(|source| {
-            StageError::SpaceCheck {
+        let free =
+            images::disk::available_space(&dir).map_err(|source| StageError::SpaceCheck {
                 dir: dir.clone(),
                 source,
-            }
-        })?;
+            })?;
         if needed > free {
             return Err(StageError::NoSpace {
                 release: self.release.clone(),
@@ -229,7 +228,9 @@ pub async fn stage(job: StageJob, mut link: FetchLink) -> Result<StageReport, St
                 report.elapsed = started.elapsed();
                 return Ok(report);
             }
-            Err(AssembleError::CorruptStoredChunk { digest, .. }) if attempt < ASSEMBLY_ATTEMPTS => {
+            Err(AssembleError::CorruptStoredChunk { digest, .. })
+                if attempt < ASSEMBLY_ATTEMPTS =>
+            {
                 tracing::warn!(%digest, attempt, "a fetched chunk went bad on disk; fetching it again");
             }
             Err(error) => return Err(job.assemble_error(error)),

@@ -289,7 +289,10 @@ mod tests {
         for (i, (c, source)) in first.iter().enumerate() {
             assert_eq!(*source, 0);
             let last = i + 1 == GIVE_UP_AFTER as usize;
-            assert_eq!(w.http_failed(&c.digest, *source) == SourceHealth::GaveUp, last);
+            assert_eq!(
+                w.http_failed(&c.digest, *source) == SourceHealth::GaveUp,
+                last
+            );
         }
         // Every chunk, including the untried ones, now goes to source 1 first.
         let mut seen = Vec::new();
