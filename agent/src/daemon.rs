@@ -30,6 +30,7 @@ use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::fault;
 use crate::fetch::{self, FetchLink, FetchNote, Inbound, StageJob, StageReport};
 use crate::journal::{write_atomic, Journal};
 use crate::link::{self, LinkEvent};
@@ -295,6 +296,7 @@ impl Daemon {
             .state
             .accept_deploy(command.seq, release, digest, sources, now);
         self.journal.save(&self.state)?;
+        fault::point("accepted");
         match plan {
             DeployPlan::AlreadyCurrent => {
                 self.cancel_staging();
@@ -462,6 +464,7 @@ impl Daemon {
                 // Save point 2.
                 self.state.staged();
                 self.journal.save(&self.state)?;
+                fault::point("staged");
                 self.switch(Instant::now(), report).await
             }
             Ok(Err(error)) => {
@@ -541,6 +544,7 @@ impl Daemon {
                     Ok(version) => version,
                     Err(e) => return self.fail(installed, e.to_string(), 0, e.output()),
                 };
+                fault::point("started");
                 let probation = Duration::from_secs(u64::from(spec.probation_secs));
                 if let Err((e, version)) = self.serving.activate(version, probation).await {
                     self.serving.discard(version).await;
@@ -553,6 +557,7 @@ impl Daemon {
         self.slots
             .activate(&installed.slot)
             .with_context(|| format!("cannot point current at slot {}", installed.slot))?;
+        fault::point("flipped");
         let from = self.state.current.as_ref().map(|c| c.release.clone());
         let report = UpdateReport {
             release: installed.release.clone(),
@@ -573,6 +578,7 @@ impl Daemon {
             .filter(|s| s.probation_secs > 0)
             .map(|s| now() + u64::from(s.probation_secs));
         self.journal.save(&self.state)?;
+        fault::point("switched");
         tracing::info!(release = %installed.release, from = ?from.as_ref().map(|r| r.to_string()), "switched");
         self.event(EventKind::Switched {
             release: installed.release.clone(),
@@ -664,6 +670,7 @@ impl Daemon {
             return Ok(());
         }
         self.journal.save(&self.state)?;
+        fault::point("rollback-saved");
         let current = self
             .state
             .current
@@ -709,6 +716,7 @@ impl Daemon {
         self.slots
             .activate(&current.slot)
             .with_context(|| format!("cannot point current at slot {}", current.slot))?;
+        fault::point("rolled-back");
         let report = UpdateReport {
             outcome: Outcome::RolledBack {
                 reason: reason.clone(),

@@ -13,6 +13,7 @@
 pub mod app;
 pub mod cli;
 pub mod daemon;
+pub mod fault;
 pub mod fetch;
 pub mod journal;
 pub mod link;
