@@ -261,56 +261,13 @@ impl Serving {
         version: Version,
         probation: Duration,
     ) -> Result<(), (ServeError, Version)> {
-        match version.spec.strategy() {
-            Ok(Strategy::FrontDoor(door)) => {
-                let listen: SocketAddr = match door.listen.parse() {
-                    Ok(listen) => listen,
-                    Err(e) => {
-                        let error = ServeError::FrontDoor {
-                            release: version.release.clone(),
-                            listen: door.listen.clone(),
-                            reason: e.to_string(),
-                        };
-                        return Err((error, version));
-                    }
-                };
-                if self.door.as_ref().map(|(addr, _)| *addr) != Some(listen) {
-                    match FrontDoor::bind(listen).await {
-                        Ok(bound) => {
-                            // A release that moved its public port: the old listener goes.
-                            if let Some((_, old)) = self.door.replace((listen, bound)) {
-                                old.shutdown(Duration::from_secs(5)).await;
-                            }
-                        }
-                        Err(e) => {
-                            let error = ServeError::FrontDoor {
-                                release: version.release.clone(),
-                                listen: door.listen.clone(),
-                                reason: e.to_string(),
-                            };
-                            return Err((error, version));
-                        }
-                    }
-                }
-                if let Some((_, door)) = &self.door {
-                    door.set_upstream(version.port);
-                }
+        if let Ok(Strategy::FrontDoor(door)) = version.spec.strategy() {
+            if let Err(e) = self.ensure_door(&version.release, &door.listen).await {
+                return Err((e, version));
             }
-            Ok(Strategy::Hooks(h)) => {
-                let env = version.hook_env(self.active.as_ref());
-                if let Err(e) =
-                    hooks::run("switch", &h.switch, &version.dir, &env, HOOK_TIMEOUT).await
-                {
-                    let error = ServeError::Hook {
-                        release: version.release.clone(),
-                        reason: e.to_string(),
-                        output: e.output().to_vec(),
-                    };
-                    return Err((error, version));
-                }
-            }
-            // Validated with the manifest; a spec without a strategy never gets here.
-            Err(_) => {}
+        }
+        if let Err(e) = self.route(&version, self.active.as_ref()).await {
+            return Err((e, version));
         }
         let grace = Duration::from_secs(u64::from(version.spec.grace_secs));
         let now = Instant::now();
@@ -326,6 +283,55 @@ impl Serving {
             self.warm = Some((old, now + probation + grace));
         }
         Ok(())
+    }
+
+    /// Binds the front door at `listen` unless it already listens there. A release that moved
+    /// its public port gets a new listener and the old one closes.
+    async fn ensure_door(&mut self, release: &ReleaseId, listen: &str) -> Result<(), ServeError> {
+        let error = |reason: String| ServeError::FrontDoor {
+            release: release.clone(),
+            listen: listen.to_owned(),
+            reason,
+        };
+        let addr: SocketAddr = listen
+            .parse()
+            .map_err(|e: std::net::AddrParseError| error(e.to_string()))?;
+        if self.door.as_ref().map(|(bound, _)| *bound) == Some(addr) {
+            return Ok(());
+        }
+        let door = FrontDoor::bind(addr)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        if let Some((_, old)) = self.door.replace((addr, door)) {
+            old.shutdown(Duration::from_secs(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Moves traffic to `to` from `from`: the front door's upstream (atomic), or the switch
+    /// hook.
+    async fn route(&self, to: &Version, from: Option<&Version>) -> Result<(), ServeError> {
+        match to.spec.strategy() {
+            Ok(Strategy::FrontDoor(_)) => {
+                if let Some((_, door)) = &self.door {
+                    door.set_upstream(to.port);
+                }
+                Ok(())
+            }
+            Ok(Strategy::Hooks(h)) => {
+                let env = to.hook_env(from);
+                hooks::run("switch", &h.switch, &to.dir, &env, HOOK_TIMEOUT)
+                    .await
+                    .map(drop)
+                    .map_err(|e| ServeError::Hook {
+                        release: to.release.clone(),
+                        reason: e.to_string(),
+                        output: e.output().to_vec(),
+                    })
+            }
+            // Validated with the manifest: a run section always has a strategy.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Stops a version that was started but will not take traffic.
@@ -347,20 +353,8 @@ impl Serving {
             return false;
         };
         let failed = self.active.take();
-        match warm.spec.strategy() {
-            Ok(Strategy::FrontDoor(_)) => {
-                if let Some((_, door)) = &self.door {
-                    door.set_upstream(warm.port);
-                }
-            }
-            Ok(Strategy::Hooks(h)) => {
-                let env = warm.hook_env(failed.as_ref());
-                if let Err(e) = hooks::run("switch", &h.switch, &warm.dir, &env, HOOK_TIMEOUT).await
-                {
-                    tracing::error!(release = %warm.release, error = %e, "switch hook failed while rolling back");
-                }
-            }
-            Err(_) => {}
+        if let Err(e) = self.route(&warm, failed.as_ref()).await {
+            tracing::error!(release = %warm.release, error = %e, "moving traffic back failed");
         }
         self.active = Some(warm);
         self.probation = None;

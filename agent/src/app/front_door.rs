@@ -27,6 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
+use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+use tokio::io::{AsyncWriteExt as _, BufReader, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
@@ -36,6 +40,8 @@ use tokio::time::Instant;
 pub const UP_BUFFER: usize = 16 * 1024;
 /// Copy buffer from the app to the client (responses, streams, downloads).
 pub const DOWN_BUFFER: usize = 64 * 1024;
+/// Most bytes moved per `splice(2)` call: a pipe's default capacity.
+const PIPE_CHUNK: usize = 64 * 1024;
 
 /// Pause after an accept error caused by exhausted resources (out of file descriptors),
 /// so the loop does not spin while nothing can be accepted.
@@ -77,6 +83,8 @@ struct Shared {
     accepted: AtomicU64,
     no_upstream: AtomicU64,
     upstream_failed: AtomicU64,
+    /// Whether downloads are moved with `splice(2)` (see [`relay`]).
+    splice: bool,
 }
 
 impl Shared {
@@ -132,13 +140,22 @@ impl FrontDoor {
     /// Binds `listen` and starts accepting. Until [`FrontDoor::set_upstream`] is called,
     /// accepted connections are closed at once (the port is open, nothing serves yet).
     pub async fn bind(listen: SocketAddr) -> Result<FrontDoor, FrontDoorError> {
+        FrontDoor::bind_with(listen, true).await
+    }
+
+    /// [`FrontDoor::bind`], choosing whether downloads are spliced (the default) or copied
+    /// through memory; tests compare the two.
+    async fn bind_with(listen: SocketAddr, splice: bool) -> Result<FrontDoor, FrontDoorError> {
         let bind_error = |source| FrontDoorError::Bind {
             addr: listen,
             source,
         };
         let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            splice,
+            ..Shared::default()
+        });
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(serve(listener, shared.clone(), stop_rx));
         tracing::info!(listen = %local, "front door open");
@@ -305,20 +322,97 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, mut lease: Lease) {
     // Small writes (requests, interactive protocols) must not wait for Nagle.
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        UP_BUFFER,
-        DOWN_BUFFER,
-    )
-    .await
-    {
+    match relay(&mut client, &mut upstream, lease.shared.splice).await {
         Ok((up, down)) => {
             tracing::trace!(%peer, upstream = lease.port, up, down, "connection closed")
         }
         Err(error) => {
             tracing::debug!(%peer, upstream = lease.port, %error, "connection ended with an error")
         }
+    }
+}
+
+/// Forwards both ways until both sides have finished sending, passing on each half-close.
+/// Returns the bytes sent up (to the app) and down (to the client).
+///
+/// Downwards, where downloads and streams flow, bytes move socket → pipe → socket with
+/// `splice(2)` and never enter the agent's memory; upwards (requests) they are copied
+/// through a small buffer. Without a pipe (out of file descriptors) both ways are copied.
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    splice: bool,
+) -> io::Result<(u64, u64)> {
+    let pipe = match splice.then(|| pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)) {
+        Some(Ok(pipe)) => pipe,
+        copy => {
+            if let Some(Err(error)) = copy {
+                tracing::debug!(%error, "no pipe for zero-copy forwarding; copying instead");
+            }
+            return tokio::io::copy_bidirectional_with_sizes(
+                client,
+                upstream,
+                UP_BUFFER,
+                DOWN_BUFFER,
+            )
+            .await;
+        }
+    };
+    let (client_read, mut client_write) = client.split();
+    let (upstream_read, mut upstream_write) = upstream.split();
+    let up = async {
+        let mut reader = BufReader::with_capacity(UP_BUFFER, client_read);
+        let sent = tokio::io::copy_buf(&mut reader, &mut upstream_write).await?;
+        upstream_write.shutdown().await?;
+        Ok::<_, io::Error>(sent)
+    };
+    let down = async {
+        let sent = splice_all(upstream_read.as_ref(), client_write.as_ref(), &pipe).await?;
+        client_write.shutdown().await?;
+        Ok(sent)
+    };
+    tokio::try_join!(up, down)
+}
+
+/// Moves everything `from` sends to `to` through `pipe` until `from` ends its side.
+///
+/// The pipe is always drained before it is filled again, so a `WouldBlock` while filling
+/// means `from` has nothing to read and one while draining means `to` cannot take more;
+/// that is what lets tokio's readiness tracking ([`TcpStream::try_io`]) stay exact.
+async fn splice_all(
+    from: &TcpStream,
+    to: &TcpStream,
+    (pipe_out, pipe_in): &(OwnedFd, OwnedFd),
+) -> io::Result<u64> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut total = 0;
+    loop {
+        let filled = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from, None, pipe_in, None, PIPE_CHUNK, flags).map_err(io::Error::from)
+            }) {
+                Ok(filled) => break filled,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        };
+        if filled == 0 {
+            return Ok(total);
+        }
+        let mut left = filled;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe_out, None, to, None, left, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(moved) => left -= moved,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        total += filled as u64;
     }
 }
 
