@@ -457,22 +457,21 @@ async fn fetch_missing(
                 }
             },
             // Timers: progress reports, and asking again for what did not come.
-            // MQTT requests unanswered for `retry_after` are sent again once the frames have
-            // paused (while they flow, a slow fan-out to many nodes is still delivering, and
-            // asking again would make the coordinator send everything twice). While nothing
-            // at all arrives, the wait doubles so a broker outage is not met with a storm.
+            // MQTT requests unanswered for `retry_after` are sent again once no frame has come
+            // for as long (while frames flow, a slow fan-out to many nodes is still
+            // delivering, and asking again would make the coordinator send it all twice).
+            // While nothing at all arrives, the wait doubles so an outage is not met with a
+            // request storm.
             _ = tick.tick() => {
                 let now = Instant::now();
                 let quiet = now.saturating_duration_since(last_arrival);
-                if quiet >= ChunkRequest::RETRY_FIRST / 2 {
+                if quiet >= retry_after {
                     let before = wanted.in_flight_bytes();
                     let asked = wanted.retry_mqtt_older_than(retry_after, now);
                     if asked > 0 {
                         requested_bytes = requested_bytes.saturating_sub(before - wanted.in_flight_bytes());
                         tracing::info!(outstanding = asked, after_s = retry_after.as_secs(), "chunks did not arrive; asking again");
-                        if quiet >= retry_after {
-                            retry_after = (retry_after * 2).min(RETRY_MAX);
-                        }
+                        retry_after = (retry_after * 2).min(RETRY_MAX);
                     }
                 }
             }
