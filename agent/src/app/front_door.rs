@@ -8,12 +8,20 @@
 //! stopped. The listener is never closed or re-bound by a switch, so no client is refused
 //! while traffic moves; it closes only at [`FrontDoor::shutdown`] or drop.
 //!
-//! The proxy is plain TCP: bytes are copied both ways with fixed buffers
-//! ([`UP_BUFFER`] towards the app, [`DOWN_BUFFER`] towards the client), so a connection
-//! costs about 80 KiB of buffers however much it carries, and nothing above TCP is parsed.
-//! HTTP keep-alive connections therefore stick to the version they were opened to; a
-//! version being stopped closes its idle ones (as any graceful HTTP server does on SIGTERM)
-//! and clients reconnect through the door to the new one.
+//! The proxy is plain TCP and parses nothing above it. Towards the client, where downloads
+//! and streams flow, bytes move with `splice(2)` through a pipe and never enter the agent's
+//! memory; towards the app they are copied through a [`UP_BUFFER`] buffer. So a connection
+//! costs about 16 KiB of the agent's memory and four file descriptors (two sockets, one
+//! pipe); when no pipe can be had (descriptors exhausted) it falls back to copying both
+//! ways, adding a [`DOWN_BUFFER`] buffer. Give the agent a generous `LimitNOFILE`.
+//!
+//! HTTP keep-alive connections stick to the version they were opened to: a busy
+//! keep-alive client keeps an old version from draining, and when that version is stopped
+//! anyway (after the daemon's drain deadline) its graceful shutdown closes the connection
+//! between two requests. A client that sends its next request at that instant sees it fail
+//! (HTTP/1.1's keep-alive race; browsers retry such requests, many HTTP libraries do not).
+//! Clients that open a connection per request, and keep-alive clients whose connection is
+//! idle at the stop, see no failure.
 //!
 //! **Invariant:** the choice of upstream for a connection and the count of connections per
 //! upstream change under the same lock, so once `set_upstream(new)` has returned, every
@@ -23,11 +31,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::os::fd::OwnedFd;
 
 use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
 use tokio::io::{AsyncWriteExt as _, BufReader, Interest};
@@ -38,8 +45,12 @@ use tokio::time::Instant;
 
 /// Copy buffer from the client to the app (requests are small).
 pub const UP_BUFFER: usize = 16 * 1024;
-/// Copy buffer from the app to the client (responses, streams, downloads).
+/// Copy buffer from the app to the client (responses, streams, downloads), used only when
+/// no pipe is available for `splice(2)`.
 pub const DOWN_BUFFER: usize = 64 * 1024;
+/// How long a connection stays open after the app closed its side while the client has
+/// not closed its own.
+pub const HALF_OPEN_LIMIT: Duration = Duration::from_secs(60);
 /// Most bytes moved per `splice(2)` call: a pipe's default capacity.
 const PIPE_CHUNK: usize = 64 * 1024;
 
@@ -338,25 +349,22 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, mut lease: Lease) {
 /// Downwards, where downloads and streams flow, bytes move socket → pipe → socket with
 /// `splice(2)` and never enter the agent's memory; upwards (requests) they are copied
 /// through a small buffer. Without a pipe (out of file descriptors) both ways are copied.
+///
+/// Once the app has closed its side, the client gets [`HALF_OPEN_LIMIT`] to close its
+/// own: a client that vanished without a word would otherwise hold the connection (and
+/// keep an old version from draining) for good.
 async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     splice: bool,
 ) -> io::Result<(u64, u64)> {
     let pipe = match splice.then(|| pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)) {
-        Some(Ok(pipe)) => pipe,
-        copy => {
-            if let Some(Err(error)) = copy {
-                tracing::debug!(%error, "no pipe for zero-copy forwarding; copying instead");
-            }
-            return tokio::io::copy_bidirectional_with_sizes(
-                client,
-                upstream,
-                UP_BUFFER,
-                DOWN_BUFFER,
-            )
-            .await;
+        Some(Ok(pipe)) => Some(pipe),
+        Some(Err(error)) => {
+            tracing::debug!(%error, "no pipe for zero-copy forwarding; copying instead");
+            None
         }
+        None => None,
     };
     let (client_read, mut client_write) = client.split();
     let (upstream_read, mut upstream_write) = upstream.split();
@@ -367,11 +375,33 @@ async fn relay(
         Ok::<_, io::Error>(sent)
     };
     let down = async {
-        let sent = splice_all(upstream_read.as_ref(), client_write.as_ref(), &pipe).await?;
+        let sent = match &pipe {
+            Some(pipe) => splice_all(upstream_read.as_ref(), client_write.as_ref(), pipe).await?,
+            None => {
+                let mut reader = BufReader::with_capacity(DOWN_BUFFER, upstream_read);
+                tokio::io::copy_buf(&mut reader, &mut client_write).await?
+            }
+        };
         client_write.shutdown().await?;
-        Ok(sent)
+        Ok::<_, io::Error>(sent)
     };
-    tokio::try_join!(up, down)
+    tokio::pin!(up, down);
+    let (mut sent_up, mut sent_down) = (None, None);
+    loop {
+        tokio::select! {
+            sent = &mut up, if sent_up.is_none() => sent_up = Some(sent?),
+            sent = &mut down, if sent_down.is_none() => sent_down = Some(sent?),
+            () = tokio::time::sleep(HALF_OPEN_LIMIT), if sent_down.is_some() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not close its side after the app closed its own",
+                ));
+            }
+        }
+        if let (Some(up), Some(down)) = (sent_up, sent_down) {
+            return Ok((up, down));
+        }
+    }
 }
 
 /// Moves everything `from` sends to `to` through `pipe` until `from` ends its side.

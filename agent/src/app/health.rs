@@ -100,28 +100,29 @@ fn client() -> Result<&'static reqwest::Client, String> {
 pub async fn check(spec: &RunSpec, port: u16, slot: &Path) -> Result<(), String> {
     let timeout = Duration::from_millis(u64::from(spec.health.timeout_ms));
     let check = spec.health_check().map_err(|e| e.to_string())?;
-    let probe = async {
-        match check {
-            HealthCheck::Http { path } => http(port, path).await,
-            HealthCheck::Tcp => tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let probe = match check {
+        HealthCheck::Http { path } => Box::pin(http(port, path)) as ProbeFuture<'_>,
+        HealthCheck::Tcp => Box::pin(async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .map(drop)
-                .map_err(|e| format!("TCP connect to 127.0.0.1:{port} failed: {e}")),
-            HealthCheck::Command { argv } => {
-                let env = HookEnv {
-                    slot: slot
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    port: Some(port),
-                    ..HookEnv::default()
-                };
-                // The probe's own timeout bounds the command; the outer one is a backstop.
-                hooks::run("health", argv, slot, &env, timeout)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }
+                .map_err(|e| format!("TCP connect to 127.0.0.1:{port} failed: {e}"))
+        }),
+        HealthCheck::Command { argv } => {
+            let env = HookEnv {
+                slot: slot
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                port: Some(port),
+                ..HookEnv::default()
+            };
+            // Bounded by the hook runner itself, which also kills the command's whole
+            // process group at the timeout (dropping it here would not).
+            return hooks::run("health", argv, slot, &env, timeout)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
         }
     };
     match tokio::time::timeout(timeout, probe).await {
@@ -133,6 +134,9 @@ pub async fn check(spec: &RunSpec, port: u16, slot: &Path) -> Result<(), String>
         )),
     }
 }
+
+type ProbeFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 fn describe(check: &HealthCheck<'_>, port: u16) -> String {
     match check {

@@ -1,7 +1,7 @@
 //! Operator commands (`[run.hooks]`, and `health.command`): one argv run to completion.
 //!
 //! A hook runs in the slot directory with a clean environment (see
-//! [`super::child_command`]) plus `FLEET_SLOT`, `FLEET_VERSION`, `FLEET_PORT` and, when
+//! [`super::INHERITED_ENV`]) plus `FLEET_SLOT`, `FLEET_VERSION`, `FLEET_PORT` and, when
 //! there is another version, `FLEET_OLD_SLOT` and `FLEET_OLD_PORT`. `argv[0]` is looked up
 //! in `PATH` when it is a bare name (`systemctl`) and taken inside the slot when it is a
 //! relative path (`bin/switch`). A hook succeeds by exiting 0 within its timeout; past it,

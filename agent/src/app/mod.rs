@@ -19,32 +19,40 @@
 //! # How the daemon drives a switch with these (front-door strategy)
 //!
 //! ```text
-//! at start:    process::kill_stale(DATA/run, stop_timeout)          leftovers of a killed agent
-//!              FrontDoor::bind(listen, None)                          once per service
-//! switch:      port = ports::pick_free(&[old_port])?
-//!              new = Supervisor::start(spec, Launch { .. port .. }, RestartPolicy::default())?
-//!              health::wait_healthy(Some(&new), spec, port, slot_dir, now + start_timeout)
-//!                  Err(failure) => new.stop(..), report failure (it carries the app's output)
-//!              door.set_upstream(port)                               the flip: atomic
-//!              health::hold_healthy(Some(&new), spec, port, slot_dir, now + probation)
-//!                  Err(failure) => door.set_upstream(old_port), new.stop(..)   rollback
-//!              after grace: door.wait_drained(old_port, deadline); old.stop(stop_timeout)
+//! agent start: process::kill_stale(&data.join("run"), stop_timeout).await   leftovers
+//!              door = FrontDoor::bind(listen).await?                        once per service
+//! switch:      port = ports::pick_free(&[old.port()])?
+//!              new = Supervisor::start(&spec, Launch { slot, version, dir, port, run_dir },
+//!                                      RestartPolicy::default())?
+//!              health::wait_healthy(Some(&new), &spec, port, new.dir(), now + start_timeout)
+//!                  Err(failure) => new.stop(stop_timeout), report failure + failure.output()
+//!              door.set_upstream(port)                                     the flip
+//!              health::hold_healthy(Some(&new), &spec, port, new.dir(), now + probation)
+//!                  Err(failure) => door.set_upstream(old.port()), new.stop(..)   rollback
+//!              after grace_secs: door.wait_drained(old.port(), deadline).await;
+//!                                old.stop(stop_timeout).await
+//! steady state: new.subscribe().wait_for(|s| s.crash_loop)    a crash loop after probation
+//! agent stop:  door.shutdown(grace).await; supervisor.stop(stop_timeout).await
 //! ```
 //!
-//! With `[run.hooks]` the flip is `hooks::run(&hooks.switch, ..)` instead of `set_upstream`,
-//! and when `hooks.start` is set the agent runs that hook instead of a [`process::Supervisor`]
-//! and passes `None` as the supervisor to the health functions.
+//! With `[run.hooks]` the flip is `hooks::run("switch", &hooks.switch, slot_dir, &HookEnv
+//! { .. old_slot, old_port }, timeout)` instead of `set_upstream`; when `hooks.start` is
+//! set the agent runs that hook instead of a [`process::Supervisor`] and passes `None` as
+//! the supervisor to the health functions. Stopping and dropping are `async`/`Drop` safe:
+//! `Supervisor::stop` and `FrontDoor::shutdown` take `self` and can be spawned as tasks.
 //!
 //! # Invariants
 //!
-//! - Every child the agent starts (app, hook, health command) runs in its own process group
-//!   and is killed with its group: when stopped, when its timeout passes, when the owning
-//!   handle is dropped. An app process outlives the agent only if the agent itself is killed
-//!   outright; its pid file then lets the next agent find and kill it.
-//! - Children get a clean environment (see [`child_command`]): the agent's own environment
-//!   (broker credentials, tokens) is not inherited.
-//! - Memory per child and per proxied connection is bounded (output tails of
-//!   [`output::KEEP_LINES`] lines of at most [`output::MAX_LINE`] bytes; fixed copy buffers).
+//! - Every child the agent starts (app, hook, health command) leads its own process group.
+//!   An app's group is signalled as a whole when it is stopped, after its leader exits on
+//!   its own, and when its [`process::Supervisor`] is dropped; a hook's or health command's
+//!   group is killed when its timeout passes. An app process outlives the agent only if
+//!   the agent itself is killed outright; its pid file lets the next agent kill it.
+//! - Children get a clean environment (only [`INHERITED_ENV`] from the agent's own, plus
+//!   what the release and the agent set): broker credentials and tokens are not inherited.
+//! - Memory per child and per proxied connection is bounded: output tails of
+//!   [`output::KEEP_LINES`] lines of at most [`output::MAX_LINE`] bytes, and one 16 KiB
+//!   buffer per connection (downloads are spliced, see [`front_door`]).
 
 pub mod front_door;
 pub mod health;

@@ -2,7 +2,7 @@
 //!
 //! The supervisor spawns the release's `command` (a path inside the slot, or an absolute
 //! path) with the spec's arguments, in the slot directory, with a clean environment (see
-//! [`super::child_command`]) plus the spec's `env`, `{port_env}=PORT`, `FLEET_SLOT`,
+//! [`super::INHERITED_ENV`]) plus the spec's `env`, `{port_env}=PORT`, `FLEET_SLOT`,
 //! `FLEET_VERSION` and `FLEET_PORT`. When the process exits it is restarted after a backoff
 //! that doubles from [`RestartPolicy::first_backoff`] up to [`RestartPolicy::max_backoff`]
 //! and is reset once a run has lasted [`RestartPolicy::reset_after`]. Too many exits within
@@ -402,10 +402,10 @@ impl Runner {
         stop: &mut oneshot::Receiver<Duration>,
     ) -> Ended {
         let pid = child.id().unwrap_or(0);
-        self.record_pid(pid).await;
         let since = Instant::now();
         self.status
             .send_modify(|s| s.phase = Phase::Running { pid, since });
+        self.record_pid(pid).await;
         tracing::info!(slot = %self.launch.slot, version = %self.launch.version, pid, port = self.launch.port, "app started");
         let reset_at = since + self.policy.reset_after;
         let mut reset_done = false;

@@ -10,6 +10,11 @@ use protocol::run::RunSpec;
 
 use super::process::{Launch, RestartPolicy, Supervisor};
 
+/// Held by the tests that load the machine (many clients, big downloads), so that they do
+/// not run at the same time as each other and the throughput measurement is not skewed by
+/// its siblings in this test process.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long any single wait in these tests may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

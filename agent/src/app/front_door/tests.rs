@@ -4,7 +4,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::*;
 use crate::app::ports::pick_free;
-use crate::app::testing::{eventually, healthy_sample, Dirs, DEADLINE};
+use crate::app::testing::{eventually, healthy_sample, Dirs, DEADLINE, HEAVY};
 
 async fn open_door() -> FrontDoor {
     FrontDoor::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
@@ -152,97 +152,209 @@ async fn shutdown_closes_the_port_and_lets_open_requests_finish() {
     v1.stop(DEADLINE).await;
 }
 
-/// The acceptance test: clients hammer the door while it flips between two
-/// versions; not one request may fail.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_closes_after_the_app_did_is_cut_after_the_limit() {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut stream, _) = app.accept().await.unwrap();
+        stream.write_all(b"bye").await.unwrap();
+        // Dropped: the app closes its side (and all of it).
+    });
+    let door = open_door().await;
+    door.set_upstream(app_port);
+    let mut client = TcpStream::connect(door.local_addr()).await.unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"bye");
+    // The client keeps its socket open and says nothing more.
+    let closed_by_app = Instant::now();
+    assert_eq!(door.connections_to(app_port), 1);
+    assert!(
+        door.wait_drained(app_port, Instant::now() + 2 * HALF_OPEN_LIMIT)
+            .await
+    );
+    assert!(closed_by_app.elapsed() >= HALF_OPEN_LIMIT);
+    drop(client);
+}
+
+/// Clients sending `GET /` through a door as fast as they can, counting answers by body.
+struct Load {
+    running: Arc<AtomicBool>,
+    workers: JoinSet<(HashMap<String, usize>, Vec<String>)>,
+    started: std::time::Instant,
+}
+
+/// What a [`Load`] saw.
+struct Seen {
+    answered: HashMap<String, usize>,
+    failures: Vec<String>,
+    elapsed: Duration,
+}
+
+impl Load {
+    /// `workers` clients that open a connection per request (so each request crosses a
+    /// flip), plus, if `keep_alive`, one that keeps its connection, as browsers do.
+    fn start(door: &FrontDoor, workers: usize, keep_alive: bool) -> Load {
+        let url = format!("http://{}/", door.local_addr());
+        let running = Arc::new(AtomicBool::new(true));
+        let mut set = JoinSet::new();
+        for worker in 0..workers + usize::from(keep_alive) {
+            let mut client = reqwest::Client::builder().no_proxy();
+            if worker < workers {
+                client = client.pool_max_idle_per_host(0);
+            }
+            let client = client.build().unwrap();
+            let (url, running) = (url.clone(), running.clone());
+            set.spawn(async move {
+                let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
+                while running.load(Ordering::Relaxed) {
+                    let result = async {
+                        let response = client.get(&url).send().await?;
+                        let status = response.status();
+                        Ok::<_, reqwest::Error>((status, response.text().await?))
+                    }
+                    .await;
+                    match result {
+                        Ok((status, body)) if status.is_success() => {
+                            *answered.entry(body).or_default() += 1
+                        }
+                        Ok((status, body)) => failures.push(format!("{status}: {body}")),
+                        Err(error) => failures.push(format!("{error:?}")),
+                    }
+                }
+                (answered, failures)
+            });
+        }
+        Load {
+            running,
+            workers: set,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    async fn stop(mut self) -> Seen {
+        self.running.store(false, Ordering::Relaxed);
+        let elapsed = self.started.elapsed();
+        let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
+        while let Some(result) = self.workers.join_next().await {
+            let (worker_answered, worker_failures) = result.unwrap();
+            for (body, count) in worker_answered {
+                *answered.entry(body).or_default() += count;
+            }
+            failures.extend(worker_failures);
+        }
+        Seen {
+            answered,
+            failures,
+            elapsed,
+        }
+    }
+}
+
+impl Seen {
+    fn total(&self) -> usize {
+        self.answered.values().sum()
+    }
+
+    fn report(&self, what: &str, door: &FrontDoor) {
+        println!(
+            "{what}: {} requests in {:.2} s ({:.0}/s), {} failed; answers {:?}; {:?}",
+            self.total(),
+            self.elapsed.as_secs_f64(),
+            self.total() as f64 / self.elapsed.as_secs_f64(),
+            self.failures.len(),
+            self.answered,
+            door.stats(),
+        );
+    }
+
+    fn assert_no_failures(&self, door: &FrontDoor) {
+        assert!(
+            self.failures.is_empty(),
+            "{} requests failed: {:?}",
+            self.failures.len(),
+            &self.failures[..self.failures.len().min(5)]
+        );
+        let stats = door.stats();
+        assert_eq!(
+            (stats.no_upstream, stats.upstream_failed),
+            (0, 0),
+            "{stats:?}"
+        );
+    }
+
+    fn answers_from(&self, version: &str) -> usize {
+        self.answered
+            .get(&format!("sample-app {version}\n"))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The acceptance test: clients hammer the door while it flips back and forth
+/// between two running versions; not one request may fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipping_between_versions_under_load_fails_no_request() {
-    const WORKERS: usize = 8;
+    let _alone = HEAVY.lock().await;
     const FLIPS: usize = 60;
     let dirs = Dirs::new();
     let v1 = healthy_sample(&dirs, "v1").await;
     let v2 = healthy_sample(&dirs, "v2").await;
     let door = open_door().await;
     door.set_upstream(v1.port());
-    let url = format!("http://{}/", door.local_addr());
-
-    let running = Arc::new(AtomicBool::new(true));
-    let mut workers = JoinSet::new();
-    for worker in 0..WORKERS {
-        // Most workers open a connection per request, so each one crosses the flip;
-        // worker 0 keeps its connection alive, as browsers and proxies do.
-        let mut client = reqwest::Client::builder().no_proxy();
-        if worker != 0 {
-            client = client.pool_max_idle_per_host(0);
-        }
-        let client = client.build().unwrap();
-        let (url, running) = (url.clone(), running.clone());
-        workers.spawn(async move {
-            let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
-            while running.load(Ordering::Relaxed) {
-                let result = async {
-                    let response = client.get(&url).send().await?;
-                    let status = response.status();
-                    Ok::<_, reqwest::Error>((status, response.text().await?))
-                }
-                .await;
-                match result {
-                    Ok((status, body)) if status.is_success() => {
-                        *answered.entry(body).or_default() += 1
-                    }
-                    Ok((status, body)) => failures.push(format!("{status}: {body}")),
-                    Err(error) => failures.push(format!("{error:?}")),
-                }
-            }
-            (answered, failures)
-        });
-    }
-    let started = std::time::Instant::now();
+    let load = Load::start(&door, 8, true);
     for flip in 0..FLIPS {
         // Pacing, not an assertion: let some requests through between flips.
         tokio::time::sleep(Duration::from_millis(20)).await;
         door.set_upstream(if flip % 2 == 0 { v2.port() } else { v1.port() });
     }
-    running.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let (mut answered, mut failures) = (HashMap::<String, usize>::new(), Vec::new());
-    while let Some(result) = workers.join_next().await {
-        let (worker_answered, worker_failures) = result.unwrap();
-        for (body, count) in worker_answered {
-            *answered.entry(body).or_default() += count;
-        }
-        failures.extend(worker_failures);
-    }
-    let total: usize = answered.values().sum();
-    println!(
-        "front door flip under load: {FLIPS} flips in {:.2} s, {total} requests ({:.0}/s) by {WORKERS} clients, {} failed; answers {answered:?}; {:?}",
-        elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64(),
-        failures.len(),
-        door.stats(),
-    );
-    assert!(
-        failures.is_empty(),
-        "{} requests failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    assert!(
-        answered.get("sample-app v1\n").copied().unwrap_or(0) > 0,
-        "{answered:?}"
-    );
-    assert!(
-        answered.get("sample-app v2\n").copied().unwrap_or(0) > 0,
-        "{answered:?}"
-    );
-    assert!(total >= FLIPS, "too little load to mean anything: {total}");
-    let stats = door.stats();
-    assert_eq!(
-        (stats.no_upstream, stats.upstream_failed),
-        (0, 0),
-        "{stats:?}"
-    );
+    let seen = load.stop().await;
+    seen.report(&format!("front door, {FLIPS} flips under load"), &door);
+    seen.assert_no_failures(&door);
+    assert!(seen.answers_from("v1") > 0 && seen.answers_from("v2") > 0);
+    assert!(seen.total() >= FLIPS, "too little load to mean anything");
     v1.stop(DEADLINE).await;
     v2.stop(DEADLINE).await;
+}
+
+/// Whole red/black cycles under load: start the next version, wait until healthy, flip,
+/// wait for the old one to drain, stop it. Clients open a connection per request (see the
+/// module doc on keep-alive); not one request may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn red_black_cycles_with_the_old_version_stopped_under_load_fail_no_request() {
+    let _alone = HEAVY.lock().await;
+    const CYCLES: usize = 5;
+    let dirs = Dirs::new();
+    let mut current = healthy_sample(&dirs, "v0").await;
+    let door = open_door().await;
+    door.set_upstream(current.port());
+    let load = Load::start(&door, 6, false);
+    for cycle in 1..=CYCLES {
+        let next = healthy_sample(&dirs, &format!("v{cycle}")).await;
+        let old = door.set_upstream(next.port()).unwrap();
+        // Pacing, not an assertion: traffic reaches both versions for a while.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            door.wait_drained(old, Instant::now() + DEADLINE).await,
+            "the old version did not drain"
+        );
+        let previous = std::mem::replace(&mut current, next);
+        previous.stop(DEADLINE).await;
+    }
+    let seen = load.stop().await;
+    seen.report(
+        &format!("front door, {CYCLES} red/black cycles under load"),
+        &door,
+    );
+    seen.assert_no_failures(&door);
+    for version in 0..=CYCLES {
+        assert!(
+            seen.answers_from(&format!("v{version}")) > 0,
+            "v{version} never answered"
+        );
+    }
+    current.stop(DEADLINE).await;
 }
 
 /// Downloads `/files/big` from `addr` on a fresh connection; returns the bytes received
@@ -270,6 +382,7 @@ async fn download(addr: SocketAddr) -> (usize, Duration) {
 /// Also measures the plain-copy forwarding the door falls back to, for comparison.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_download_through_the_door_runs_close_to_direct_speed() {
+    let _alone = HEAVY.lock().await;
     const SIZE: usize = 128 * 1024 * 1024;
     const ROUNDS: usize = 5;
     let dirs = Dirs::new();
@@ -312,9 +425,10 @@ async fn a_large_download_through_the_door_runs_close_to_direct_speed() {
         SIZE / (1024 * 1024),
         copied / direct,
     );
-    // Loose on purpose: CI machines are shared and this may be a debug build.
+    // Loose on purpose, a guard against gross regressions (tiny buffers, Nagle delays):
+    // the machine may be shared and this may be a debug build. The figures are printed.
     assert!(
-        ratio > 0.4,
+        ratio > 0.3,
         "the door is far slower than going direct: ratio {ratio:.2}"
     );
     assert!(

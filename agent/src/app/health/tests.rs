@@ -2,6 +2,11 @@ use super::*;
 use crate::app::ports::pick_free;
 use crate::app::testing::{fast_policy, healthy_sample, sample_spec, spec, Dirs, DEADLINE};
 
+/// The test's deadline for waits that should end well before it.
+fn deadline() -> Instant {
+    Instant::now() + DEADLINE
+}
+
 fn in_secs(secs: f64) -> Instant {
     Instant::now() + Duration::from_secs_f64(secs)
 }
@@ -101,15 +106,9 @@ async fn a_version_that_crashes_at_start_fails_at_once_with_its_output() {
     let spec = sample_spec(&[("APP_CRASH_AT_START", "1")]);
     let (app, port) = start(&dirs, &spec, "v1");
     let started = Instant::now();
-    let error = wait_healthy(
-        Some(&app),
-        &spec,
-        port,
-        app.dir(),
-        Instant::now() + DEADLINE,
-    )
-    .await
-    .unwrap_err();
+    let error = wait_healthy(Some(&app), &spec, port, app.dir(), deadline())
+        .await
+        .unwrap_err();
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "did not fail early: {error}"
@@ -146,24 +145,12 @@ async fn probation_fails_when_the_version_crashes() {
     let dirs = Dirs::new();
     let spec = sample_spec(&[("APP_CRASH_AFTER_SECS", "1")]);
     let (app, port) = start(&dirs, &spec, "v1");
-    wait_healthy(
-        Some(&app),
-        &spec,
-        port,
-        app.dir(),
-        Instant::now() + DEADLINE,
-    )
-    .await
-    .unwrap();
-    let error = hold_healthy(
-        Some(&app),
-        &spec,
-        port,
-        app.dir(),
-        Instant::now() + DEADLINE,
-    )
-    .await
-    .unwrap_err();
+    wait_healthy(Some(&app), &spec, port, app.dir(), deadline())
+        .await
+        .unwrap();
+    let error = hold_healthy(Some(&app), &spec, port, app.dir(), deadline())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, HealthFailure::Exited { exit: Exit::Status(s), .. } if s.code() == Some(1)),
         "{error}"
@@ -189,25 +176,13 @@ async fn probation_fails_after_three_failed_checks_in_a_row() {
         serde_json::json!({ "health": { "command": ["/bin/sh", "-c", "test -f healthy"], "interval_ms": 50 } }),
     );
     let (app, port) = start(&dirs, &spec, "v1");
-    wait_healthy(
-        Some(&app),
-        &spec,
-        port,
-        app.dir(),
-        Instant::now() + DEADLINE,
-    )
-    .await
-    .unwrap();
+    wait_healthy(Some(&app), &spec, port, app.dir(), deadline())
+        .await
+        .unwrap();
     std::fs::remove_file(dirs.slot().join("healthy")).unwrap();
-    let error = hold_healthy(
-        Some(&app),
-        &spec,
-        port,
-        app.dir(),
-        Instant::now() + DEADLINE,
-    )
-    .await
-    .unwrap_err();
+    let error = hold_healthy(Some(&app), &spec, port, app.dir(), deadline())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, HealthFailure::Unhealthy { failures: 3, .. }),
         "{error}"

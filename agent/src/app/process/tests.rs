@@ -17,6 +17,21 @@ async fn wait_status(app: &Supervisor, what: &str, done: impl Fn(&Status) -> boo
     status
 }
 
+async fn wait_for_line(app: &Supervisor, line: &str) {
+    eventually(&format!("the app to print {line:?}"), || async {
+        app.last_output().iter().any(|l| l == line).then_some(())
+    })
+    .await;
+}
+
+fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn running_pid(status: &Status) -> Option<u32> {
     match status.phase {
         Phase::Running { pid, .. } => Some(pid),
@@ -64,12 +79,7 @@ async fn a_command_path_inside_the_slot_is_run_from_the_slot() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let spec = spec("bin/server", &[], serde_json::json!({}));
     let app = Supervisor::start(&spec, dirs.launch("v1", 4000), fast_policy()).unwrap();
-    eventually("the server's line", || async {
-        app.last_output()
-            .contains(&"server on 4000".to_owned())
-            .then_some(())
-    })
-    .await;
+    wait_for_line(&app, "server on 4000").await;
     app.stop(Duration::from_secs(5)).await;
 }
 
@@ -157,18 +167,9 @@ async fn stop_sends_sigterm_to_the_group_and_removes_the_pid_file() {
     let script =
         "sleep 600 & echo $! > child.pid; trap 'echo got TERM; exit 0' TERM; echo ready; wait";
     let app = Supervisor::start(&sh(script), dirs.launch("v1", 4000), fast_policy()).unwrap();
-    eventually("the app to be ready", || async {
-        app.last_output()
-            .contains(&"ready".to_owned())
-            .then_some(())
-    })
-    .await;
+    wait_for_line(&app, "ready").await;
     let pid = running_pid(&app.status()).unwrap();
-    let child: u32 = std::fs::read_to_string(dirs.slot().join("child.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = read_pid(&dirs.slot().join("child.pid"));
     let record = eventually("the pid file", || async {
         std::fs::read_to_string(dirs.run().join("app-v1.pid")).ok()
     })
@@ -201,12 +202,7 @@ async fn a_process_that_ignores_sigterm_is_killed_after_the_timeout() {
         fast_policy(),
     )
     .unwrap();
-    eventually("the app to be ready", || async {
-        app.last_output()
-            .contains(&"ready".to_owned())
-            .then_some(())
-    })
-    .await;
+    wait_for_line(&app, "ready").await;
     let pid = running_pid(&app.status()).unwrap();
     let started = std::time::Instant::now();
     let exit = app.stop(Duration::from_millis(300)).await;
@@ -250,18 +246,9 @@ async fn dropping_a_supervisor_kills_its_process_group() {
         fast_policy(),
     )
     .unwrap();
-    eventually("the app to be ready", || async {
-        app.last_output()
-            .contains(&"ready".to_owned())
-            .then_some(())
-    })
-    .await;
+    wait_for_line(&app, "ready").await;
     let pid = running_pid(&app.status()).unwrap();
-    let child: u32 = std::fs::read_to_string(dirs.slot().join("child.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = read_pid(&dirs.slot().join("child.pid"));
     eventually("the pid file", || async {
         dirs.run().join("app-v1.pid").exists().then_some(())
     })
