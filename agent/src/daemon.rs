@@ -599,6 +599,10 @@ impl Daemon {
         let Some(spec) = self.run_spec(&current)? else {
             return Ok(());
         };
+        // Completing an interrupted switch already started it.
+        if self.serving.active_release() == Some(&current.release) {
+            return Ok(());
+        }
         let dir = self.slots.dir(&current.slot);
         let failure = match self
             .serving

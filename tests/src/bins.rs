@@ -4,11 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The `coordinator` and `agent` executables of one build profile.
+/// The `coordinator` and `agent` executables of one build profile, and the `sample-app`
+/// that releases with a run section ship.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub coordinator: PathBuf,
     pub agent: PathBuf,
+    pub sample_app: PathBuf,
 }
 
 impl Bins {
@@ -17,8 +19,8 @@ impl Bins {
     ///
     /// `cargo test --workspace` builds a package's binaries only for that package's own
     /// integration tests, so when run by cargo this first runs `cargo build --bins -p agent
-    /// -p coordinator` (once per process; a no-op when they are fresh). Run any other way, the
-    /// binaries must already exist.
+    /// -p coordinator -p sample-app` (once per process; a no-op when they are fresh). Run any
+    /// other way, the binaries must already exist.
     pub fn of_this_build() -> &'static Bins {
         static BINS: OnceLock<Bins> = OnceLock::new();
         BINS.get_or_init(|| {
@@ -31,13 +33,14 @@ impl Bins {
         })
     }
 
-    /// The binaries in `dir`; panics with what to run if either is missing.
+    /// The binaries in `dir`; panics with what to run if one is missing.
     pub fn in_dir(dir: &Path) -> Bins {
         let bins = Bins {
             coordinator: dir.join("coordinator"),
             agent: dir.join("agent"),
+            sample_app: dir.join("sample-app"),
         };
-        for bin in [&bins.coordinator, &bins.agent] {
+        for bin in [&bins.coordinator, &bins.agent, &bins.sample_app] {
             assert!(
                 bin.is_file(),
                 "{} is missing: run via `cargo test --workspace` (or `cargo build --bins`, \
@@ -71,7 +74,15 @@ fn build_with_cargo(cargo: &str, release: bool) {
     cmd.arg("build")
         .arg("--manifest-path")
         .arg(&manifest)
-        .args(["--bins", "-p", "agent", "-p", "coordinator"]);
+        .args([
+            "--bins",
+            "-p",
+            "agent",
+            "-p",
+            "coordinator",
+            "-p",
+            "sample-app",
+        ]);
     if release {
         cmd.arg("--release");
     }
@@ -80,7 +91,7 @@ fn build_with_cargo(cargo: &str, release: bool) {
         .unwrap_or_else(|e| panic!("running {cargo} build: {e}"));
     assert!(
         out.status.success(),
-        "`cargo build --bins -p agent -p coordinator` failed ({}):\n{}",
+        "`cargo build --bins -p agent -p coordinator -p sample-app` failed ({}):\n{}",
         out.status,
         tail(&String::from_utf8_lossy(&out.stderr), 60)
     );

@@ -21,7 +21,7 @@ use crate::chunks::{paths_named, store_digests};
 use crate::mosquitto::Mosquitto;
 use crate::mqtt::TestClient;
 use crate::netns::NetNs;
-use crate::process::{free_addr, log_tail, run, Proc};
+use crate::process::{free_addr, kill_processes_naming, log_tail, run, Proc};
 use crate::tmpfs::Tmpfs;
 use crate::wait::{wait_for, Fatal};
 
@@ -66,6 +66,9 @@ pub struct AgentOptions {
     pub netns: Option<String>,
     /// Mount a tmpfs of this many bytes as the agent's data directory; needs root.
     pub data_tmpfs: Option<u64>,
+    /// Added to the agent's environment (e.g. `FLEET_AGENT_CRASH_AT`); see
+    /// [`Agent::set_env`] to change it between starts.
+    pub env: Vec<(String, String)>,
 }
 
 /// A coordinator with its broker, and the agents started through it.
@@ -257,10 +260,11 @@ impl Fleet {
         if options.no_http {
             args.push("--no-http".into());
         }
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_with_env(
             &format!("agent {id}"),
             &program,
             args,
+            os_env(&options.env),
             dir.join("agent.log"),
         )?;
         Ok(Agent(Rc::new(AgentInner {
@@ -579,6 +583,11 @@ impl Fleet {
         Ok(path)
     }
 
+    /// The binaries this fleet runs.
+    pub fn bins(&self) -> &Bins {
+        &self.bins
+    }
+
     /// The PID of the coordinator process, while it runs.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.borrow().pid()
@@ -594,6 +603,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        let dir = self.dir().to_owned();
         if std::thread::panicking() {
             eprintln!("{}", self.report());
             if let Some(dir) = self.dir.take() {
@@ -602,14 +612,20 @@ impl Drop for Fleet {
         }
         for agent in self.agents.borrow().iter() {
             agent.kill();
-            // Before the temp dir goes, whoever still holds a handle to the agent.
-            if let Some(disk) = agent.tmpfs() {
-                disk.unmount();
-            }
         }
         self.coordinator.borrow_mut().kill();
         if let Some(m) = &self.mosquitto {
             m.borrow_mut().kill();
+        }
+        // The apps the agents ran (releases with a run section) outlive a SIGKILLed agent by
+        // design: the next agent stops them, and there is none. They run from the agents'
+        // slots, so their command lines name this fleet's directory.
+        kill_processes_naming(&dir);
+        for agent in self.agents.borrow().iter() {
+            // Before the temp dir goes, whoever still holds a handle to the agent.
+            if let Some(disk) = agent.tmpfs() {
+                disk.unmount();
+            }
         }
     }
 }
@@ -727,6 +743,16 @@ impl Agent {
         self.0.proc.borrow_mut().restart()
     }
 
+    /// Replaces the variables added to the agent's environment ([`AgentOptions::env`]); they
+    /// take effect at the next [`Agent::restart`].
+    pub fn set_env(&self, env: &[(&str, &str)]) {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.0.proc.borrow_mut().set_env(os_env(&env));
+    }
+
     /// Whether the agent process is alive.
     pub fn is_running(&self) -> bool {
         self.0.proc.borrow_mut().is_running()
@@ -745,6 +771,10 @@ impl Agent {
         let proc = self.0.proc.borrow();
         log_tail(proc.name(), proc.log_path(), lines)
     }
+}
+
+fn os_env(env: &[(String, String)]) -> Vec<(OsString, OsString)> {
+    env.iter().map(|(k, v)| (k.into(), v.into())).collect()
 }
 
 /// A port on `ip` that was free a moment ago.

@@ -21,6 +21,7 @@
 //! deadline and fails saying what it waited for, the fleet's state and each log's tail),
 //! and every process is SIGKILLed and reaped when its owner is dropped.
 
+pub mod app_release;
 pub mod bench_data;
 pub mod bins;
 pub mod chunks;
@@ -33,9 +34,11 @@ pub mod privilege;
 pub mod process;
 pub mod sign;
 pub mod tmpfs;
+pub mod traffic;
 pub mod tree;
 pub mod wait;
 
+pub use app_release::AppRelease;
 pub use bins::Bins;
 pub use fleet::{release, Agent, AgentOptions, Broker, Fleet, FleetOptions};
 pub use mirror::{Behaviour, Mirror};
@@ -44,6 +47,7 @@ pub use mqtt::TestClient;
 pub use netns::NetNs;
 pub use privilege::require_root;
 pub use tmpfs::Tmpfs;
+pub use traffic::{http_get, version_at, Traffic, TrafficReport};
 pub use tree::{assert_tree_eq, change_tree, copy_tree, tree_diff, write_tree};
 pub use wait::{wait_for, wait_until};
 

@@ -21,6 +21,8 @@ pub struct Proc {
     name: String,
     program: PathBuf,
     args: Vec<OsString>,
+    /// Set in the process's environment on top of the test's own, at every start.
+    env: Vec<(OsString, OsString)>,
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
@@ -33,10 +35,26 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
+        Proc::spawn_with_env(name, program, args, Vec::new(), log)
+    }
+
+    /// Like [`Proc::spawn`], with `env` added to the environment it inherits.
+    pub fn spawn_with_env<I, S>(
+        name: &str,
+        program: &Path,
+        args: I,
+        env: Vec<(OsString, OsString)>,
+        log: PathBuf,
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
         let mut proc = Proc {
             name: name.to_owned(),
             program: program.to_owned(),
             args: args.into_iter().map(Into::into).collect(),
+            env,
             log,
             child: None,
             starts: 0,
@@ -58,6 +76,11 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Replaces the variables added to the environment; they take effect at the next start.
+    pub fn set_env(&mut self, env: Vec<(OsString, OsString)>) {
+        self.env = env;
+    }
+
     /// Starts the process again after [`Proc::kill`]; a no-op while it runs.
     pub fn start(&mut self) -> Result<()> {
         if self.is_running() {
@@ -71,9 +94,13 @@ impl Proc {
             .with_context(|| format!("opening log {}", self.log.display()))?;
         writeln!(
             log,
-            "----- start #{} of {}: {} {}",
+            "----- start #{} of {}: {}{} {}",
             self.starts,
             self.name,
+            self.env
+                .iter()
+                .map(|(k, v)| format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()))
+                .collect::<String>(),
             self.program.display(),
             self.args
                 .iter()
@@ -87,6 +114,7 @@ impl Proc {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?;
         self.child = Some(child);
@@ -144,6 +172,72 @@ pub fn log_tail(name: &str, path: &Path, lines: usize) -> String {
         path.display(),
         tail(&text, lines)
     )
+}
+
+/// The live processes whose command line (arguments joined by spaces) contains `needle`,
+/// by pid. Zombies have no command line, so a process that exited but was not reaped yet
+/// is not listed.
+pub fn pids_with_cmdline_containing(needle: &str) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // The process may be gone by now; then it is not listed.
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+/// SIGKILLs every process whose command line names a path under `dir` (the app processes
+/// of a fleet's agents, which outlive a killed agent) and waits (a few seconds at most) until
+/// they are gone, so they no longer hold files under `dir`. Best effort: one that cannot be
+/// killed is reported on stderr.
+pub fn kill_processes_naming(dir: &Path) {
+    let needle = format!("{}/", dir.display());
+    let pids = match pids_with_cmdline_containing(&needle) {
+        Ok(pids) => pids,
+        Err(e) => {
+            eprintln!(
+                "cannot look for processes left under {}: {e:#}",
+                dir.display()
+            );
+            return;
+        }
+    };
+    if pids.is_empty() {
+        return;
+    }
+    for pid in &pids {
+        // The workspace forbids `unsafe`, so no `libc::kill`; kill(1) is everywhere.
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    let gone = wait_until(
+        Duration::from_secs(5),
+        format_args!("processes {pids:?} to die"),
+        || {
+            let left = pids_with_cmdline_containing(&needle)?;
+            Ok(!pids.iter().any(|pid| left.contains(pid)))
+        },
+    );
+    if let Err(e) = gone {
+        eprintln!("left running under {}: {e:#}", dir.display());
+    }
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).

@@ -27,6 +27,20 @@ pub fn deploy_command(node: &NodeId, seq: u64, manifest: Envelope) -> Command {
     }
 }
 
+/// A rollback command for `node` with sequence number `seq`, valid for an hour: what
+/// `coordinator node rollback` sends, for a node the coordinator would not send it to.
+pub fn rollback_command(node: &NodeId, seq: u64) -> Command {
+    let issued_at = now();
+    Command {
+        protocol: PROTOCOL_VERSION,
+        node: node.clone(),
+        seq,
+        issued_at,
+        expires_at: issued_at + 3600,
+        action: Action::Rollback {},
+    }
+}
+
 /// A valid, signed manifest of a files-only release `app@version` holding one empty
 /// directory: no chunks to fetch, so an agent that accepted a command carrying it would
 /// switch to it at once.

@@ -4,30 +4,35 @@
 //!
 //! ```text
 //! cargo build --release --bins && cargo run --release -p system-tests --bin bench-fanout
-//! cargo run --release -p system-tests --bin bench-fanout -- --agents 10,50 --broker embedded
+//! cargo run --release -p system-tests --bin bench-fanout -- --agents 10,50 --broker embedded --repeat 1
 //! ```
 //!
-//! Per run: a real coordinator, its broker (by default one run with the embedded broker and
-//! one with Mosquitto, which must be installed) and N real agent processes (default 50), each with its own data directory and `--no-http`, so every
-//! chunk travels as an MQTT frame on the release's shared chunk topic. One seeded ~24 MB
-//! release (`bench_data`, `Shape::SMALL`) is published and rolled out to all; the bench waits
-//! until every node reports it as current. Coordinator egress is the growth of
-//! `coordinator stats --json`'s `mqtt_frame_bytes` over the rollout; the baseline is the sum
-//! of the compressed sizes of the release's unique chunks, from building the same image
-//! locally. Ideal fan-out sends each chunk once: ratio 1.0.
+//! Per configuration (broker × agent count): a real coordinator, its broker (by default the
+//! embedded one, then Mosquitto, which must be installed) and N real agent processes
+//! (default 50), each with its own data directory and `--no-http`, so every chunk travels as
+//! an MQTT frame on the release's shared chunk topic. Then, `--repeat` times (default 3), a
+//! fresh seeded ~24 MB release (`bench_data`, `Shape::SMALL`, another seed each time) is
+//! published and rolled out to all, and the bench waits until every node reports it as
+//! current. Coordinator egress is the growth of `coordinator stats --json`'s
+//! `mqtt_frame_bytes` over the rollout; the baseline is the sum of the compressed sizes of the
+//! release's chunks that no earlier release had (practically all), from building the same
+//! images locally. Ideal fan-out sends each chunk once: ratio 1.0. The egress depends on how
+//! the nodes' requests fall into the coordinator's fan-out windows, so it varies from run to
+//! run: the first table gives the median and each run.
 //!
-//! Prints a markdown table on stdout, progress on stderr.
+//! Prints markdown tables on stdout, progress on stderr.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use images::{build_image, missing_chunks, ChunkStore};
-use protocol::messages::{SlotReport, UpdateReport};
-use protocol::{AppName, NodeTopic, ReleaseKind, Version};
+use protocol::messages::{Command as NodeCommand, SlotReport, UpdateReport};
+use protocol::{AppName, Envelope, NodeTopic, ReleaseKind, Version};
 use serde::de::DeserializeOwned;
-use system_tests::bench_data::{mb, proc_status_kib, write_v1, Shape};
+use system_tests::bench_data::{mb, median, proc_status_kib, write_v1, Shape};
 use system_tests::fleet::node_entry;
 use system_tests::{release, Agent, AgentOptions, Bins, Broker, Fleet};
 
@@ -35,7 +40,6 @@ const SHAPE: Shape = Shape::SMALL;
 /// Not the delta bench's seed: other bytes, same mix.
 const SEED: u64 = 4711;
 const APP: &str = "stream";
-const VERSION: &str = "1";
 /// Agents started per `agents_with` call (it takes a fixed-size array).
 const BATCH: usize = 10;
 /// Generous: 50 nodes staging at once on a loaded 2-core machine.
@@ -106,11 +110,52 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// What the release costs at best: each unique chunk sent once.
+/// One release of the series each fleet installs in order, and what it costs at best: its
+/// chunks that no earlier release of the series has, each sent once.
 struct Release {
+    version: String,
+    src: PathBuf,
     bytes: u64,
-    chunks: usize,
-    chunk_bytes: u64,
+    new_chunks: usize,
+    new_chunk_bytes: u64,
+}
+
+/// `count` releases, each a fresh seeded tree, built locally to count their new chunks.
+fn releases(work: &Path, count: usize) -> Result<Vec<Release>> {
+    let store = ChunkStore::open(work.join("store"))?;
+    let mut seen = HashSet::new();
+    let mut releases = Vec::with_capacity(count);
+    for i in 1..=count {
+        let version = i.to_string();
+        let src = work.join(format!("release-{i}"));
+        let bytes = write_v1(&src, SEED + i as u64, &SHAPE)?;
+        let manifest = build_image(
+            &src,
+            AppName::new(APP)?,
+            Version::new(&version)?,
+            ReleaseKind::App,
+            &store,
+        )
+        .with_context(|| format!("building release {i} locally"))?;
+        let new: Vec<_> = missing_chunks(&manifest, |d| seen.contains(d));
+        seen.extend(new.iter().map(|c| c.digest));
+        let release = Release {
+            version,
+            src,
+            bytes,
+            new_chunks: new.len(),
+            new_chunk_bytes: new.iter().map(|c| u64::from(c.zsize)).sum(),
+        };
+        eprintln!(
+            "release {i}: {} in {} entries, {} new chunks, {} compressed",
+            mb(release.bytes),
+            manifest.entries.len(),
+            release.new_chunks,
+            mb(release.new_chunk_bytes)
+        );
+        releases.push(release);
+    }
+    Ok(releases)
 }
 
 fn bench(args: &Args) -> Result<()> {
@@ -121,48 +166,23 @@ fn bench(args: &Args) -> Result<()> {
         );
     }
     let work = tempfile::Builder::new().prefix("bench-fanout-").tempdir()?;
-    let src = work.path().join("release");
-    let bytes = write_v1(&src, SEED, &SHAPE)?;
-    let store = ChunkStore::open(work.path().join("store"))?;
-    let manifest = build_image(
-        &src,
-        AppName::new(APP)?,
-        Version::new(VERSION)?,
-        ReleaseKind::App,
-        &store,
-    )
-    .context("building the release image locally")?;
-    let unique = missing_chunks(&manifest, |_| false);
-    let release_cost = Release {
-        bytes,
-        chunks: unique.len(),
-        chunk_bytes: unique.iter().map(|c| u64::from(c.zsize)).sum(),
-    };
-    eprintln!(
-        "release: {} in {} files, {} unique chunks, {} compressed",
-        mb(bytes),
-        manifest.entries.len(),
-        release_cost.chunks,
-        mb(release_cost.chunk_bytes)
-    );
-
+    let releases = releases(work.path(), args.repeat)?;
     let mut rows = Vec::new();
     for &broker in &args.brokers {
         for &agents in &args.agents {
-            for run in 1..=args.repeat {
-                rows.push(fanout_run(&bins, broker, agents, run, &src)?);
-            }
+            rows.extend(fanout_runs(&bins, broker, agents, &releases)?);
         }
     }
-    print_table(&release_cost, &rows);
+    print_tables(&releases, &rows);
     Ok(())
 }
 
 struct Row {
     broker: Broker,
     agents: usize,
+    /// 1-based index into the release series.
     run: usize,
-    start_agents: Duration,
+    new_chunk_bytes: u64,
     switched: Duration,
     egress: u64,
     frames: u64,
@@ -175,14 +195,10 @@ struct Row {
     coordinator_peak_kib: u64,
 }
 
-fn fanout_run(
-    bins: &Bins,
-    broker: Broker,
-    n: usize,
-    run: usize,
-    src: &std::path::Path,
-) -> Result<Row> {
-    let label = format!("{} broker, {n} agents, run {run}", broker_name(broker));
+/// One fleet of `n` agents installing each release in turn. One fleet for all runs: removing
+/// 50 agents' data directories takes about half a minute on this machine's disk.
+fn fanout_runs(bins: &Bins, broker: Broker, n: usize, releases: &[Release]) -> Result<Vec<Row>> {
+    let label = format!("{} broker, {n} agents", broker_name(broker));
     let fleet = Fleet::start_with(broker, bins.clone())?;
     let options = AgentOptions {
         no_http: true,
@@ -190,110 +206,123 @@ fn fanout_run(
     };
     let started = Instant::now();
     let agents = start_agents(&fleet, n, &options)?;
-    let start_agents = started.elapsed();
-    eprintln!("{label}: all online after {start_agents:.1?}");
-
-    fleet.publish(src, APP, VERSION)?;
-    // Every node's command topic, to size the deploy commands the rollout sends.
+    eprintln!("{label}: all online after {:.1?}", started.elapsed());
+    // Every node's command topic, to size the deploy commands each rollout sends.
     let mut client = fleet.mqtt_client()?;
-    let topics: Vec<String> = agents
-        .iter()
-        .map(|a| fleet.topics().node(a.node(), NodeTopic::Command))
-        .collect();
-    for topic in &topics {
-        client.subscribe(topic)?;
-    }
-    let before = stats(&fleet)?;
-    let started = Instant::now();
-    fleet.rollout(APP, VERSION)?;
-    let want = release(APP, VERSION)?;
-    // One `nodes --json` per poll rather than one `agent status` per node: 50 processes
-    // every 200 ms would slow the machine being measured.
-    let mut last_count = 0;
-    fleet.wait_until(
-        ROLLOUT_TIMEOUT,
-        format_args!("all {n} agents to run {want} (per `coordinator nodes --json`)"),
-        || {
-            let nodes = fleet.nodes()?;
-            let mut on = 0;
-            for agent in &agents {
-                let current: Option<SlotReport> = node_field(&nodes, agent, "current")?;
-                if current.is_some_and(|c| c.release == want) {
-                    on += 1;
-                }
-            }
-            if on != last_count {
-                eprintln!("{label}: {on}/{n} switched at {:.1?}", started.elapsed());
-                last_count = on;
-            }
-            Ok(on == n)
-        },
-    )?;
-    let switched = started.elapsed();
-    let after = stats(&fleet)?;
-    let coordinator_peak_kib = fleet
-        .coordinator_pid()
-        .map(|pid| proc_status_kib(pid, "VmHWM"))
-        .transpose()?
-        .unwrap_or(0);
-
-    let mut commands = 0;
-    let mut seen = HashSet::new();
-    while seen.len() < topics.len() {
-        let message = client
-            .next_message(COMMAND_TIMEOUT, |m| !seen.contains(&m.topic))?
-            .with_context(|| {
-                format!(
-                    "only {} of {n} deploy commands seen within {COMMAND_TIMEOUT:?}",
-                    seen.len()
-                )
-            })?;
-        commands += message.payload.len() as u64;
-        seen.insert(message.topic);
-    }
-
-    let nodes = fleet.nodes()?;
-    let mut received = 0;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
     for agent in &agents {
-        let report: UpdateReport = node_field(&nodes, agent, "last_update")?
-            .with_context(|| format!("{} reports no last update", agent.node()))?;
-        ensure!(
-            report.release == want,
-            "{}'s last update is {}, not {want}",
-            agent.node(),
-            report.release
-        );
-        received += report.bytes_fetched_mqtt;
+        let topic = fleet.topics().node(agent.node(), NodeTopic::Command);
+        client.subscribe(&topic)?;
+        last_seq.insert(topic, 0);
     }
+    let trust = fleet.trusted_keys()?;
 
-    let delta = |field: &str| -> Result<u64> {
-        let get = |v: &serde_json::Value| {
-            v.get(field)
-                .and_then(serde_json::Value::as_u64)
-                .with_context(|| format!("`coordinator stats --json` has no numeric {field}"))
+    let mut rows = Vec::new();
+    for (i, rel) in releases.iter().enumerate() {
+        let run = i + 1;
+        let label = format!("{label}, run {run}");
+        fleet.publish(&rel.src, APP, &rel.version)?;
+        let before = stats(&fleet)?;
+        let started = Instant::now();
+        fleet.rollout(APP, &rel.version)?;
+        let want = release(APP, &rel.version)?;
+        // One `nodes --json` per poll rather than one `agent status` per node: 50 processes
+        // every 200 ms would slow the machine being measured.
+        let mut last_count = 0;
+        fleet.wait_until(
+            ROLLOUT_TIMEOUT,
+            format_args!("all {n} agents to run {want} (per `coordinator nodes --json`)"),
+            || {
+                let nodes = fleet.nodes()?;
+                let mut on = 0;
+                for agent in &agents {
+                    let current: Option<SlotReport> = node_field(&nodes, agent, "current")?;
+                    if current.is_some_and(|c| c.release == want) {
+                        on += 1;
+                    }
+                }
+                if on != last_count {
+                    eprintln!("{label}: {on}/{n} switched at {:.1?}", started.elapsed());
+                    last_count = on;
+                }
+                Ok(on == n)
+            },
+        )?;
+        let switched = started.elapsed();
+        let after = stats(&fleet)?;
+        let coordinator_peak_kib = fleet
+            .coordinator_pid()
+            .map(|pid| proc_status_kib(pid, "VmHWM"))
+            .transpose()?
+            .unwrap_or(0);
+
+        // This rollout's command for each node: the first with a seq above its last one.
+        let mut commands = 0;
+        let mut pending = n;
+        while pending > 0 {
+            let message = client
+                .next_message(COMMAND_TIMEOUT, |m| {
+                    last_seq.get(&m.topic).is_some_and(|&last| {
+                        Envelope::open_bytes::<NodeCommand>(&m.payload, &trust)
+                            .is_ok_and(|c| c.seq > last)
+                    })
+                })?
+                .with_context(|| {
+                    format!(
+                        "{} of {n} deploy commands not seen within {COMMAND_TIMEOUT:?}",
+                        pending
+                    )
+                })?;
+            let seq = Envelope::open_bytes::<NodeCommand>(&message.payload, &trust)?.seq;
+            last_seq.insert(message.topic, seq);
+            commands += message.payload.len() as u64;
+            pending -= 1;
+        }
+
+        let nodes = fleet.nodes()?;
+        let mut received = 0;
+        for agent in &agents {
+            let report: UpdateReport = node_field(&nodes, agent, "last_update")?
+                .with_context(|| format!("{} reports no last update", agent.node()))?;
+            ensure!(
+                report.release == want,
+                "{}'s last update is {}, not {want}",
+                agent.node(),
+                report.release
+            );
+            received += report.bytes_fetched_mqtt;
+        }
+
+        let delta = |field: &str| -> Result<u64> {
+            let get = |v: &serde_json::Value| {
+                v.get(field)
+                    .and_then(serde_json::Value::as_u64)
+                    .with_context(|| format!("`coordinator stats --json` has no numeric {field}"))
+            };
+            Ok(get(&after)?.saturating_sub(get(&before)?))
         };
-        Ok(get(&after)?.saturating_sub(get(&before)?))
-    };
-    let row = Row {
-        broker,
-        agents: n,
-        run,
-        start_agents,
-        switched,
-        egress: delta("mqtt_frame_bytes")?,
-        frames: delta("mqtt_frames_published")?,
-        deduped: delta("digests_deduped")?,
-        http_bytes: delta("http_chunk_bytes")?,
-        received,
-        commands,
-        coordinator_peak_kib,
-    };
-    eprintln!(
-        "{label}: all switched after {switched:.1?}; egress {} in {} frames",
-        mb(row.egress),
-        row.frames
-    );
-    Ok(row)
+        let row = Row {
+            broker,
+            agents: n,
+            run,
+            new_chunk_bytes: rel.new_chunk_bytes,
+            switched,
+            egress: delta("mqtt_frame_bytes")?,
+            frames: delta("mqtt_frames_published")?,
+            deduped: delta("digests_deduped")?,
+            http_bytes: delta("http_chunk_bytes")?,
+            received,
+            commands,
+            coordinator_peak_kib,
+        };
+        eprintln!(
+            "{label}: all switched after {switched:.1?}; egress {} in {} frames",
+            mb(row.egress),
+            row.frames
+        );
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// Starts `n` agents named `n01`, `n02`, …, [`BATCH`] per call, each waited on until online.
@@ -352,30 +381,60 @@ fn broker_name(broker: Broker) -> &'static str {
     }
 }
 
-fn print_table(release: &Release, rows: &[Row]) {
+fn print_tables(releases: &[Release], rows: &[Row]) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ratio = |row: &Row| row.egress as f64 / row.new_chunk_bytes as f64;
     println!("### MQTT fan-out (issue 3)\n");
     println!(
         "`cargo build --release --bins && cargo run --release -p system-tests --bin bench-fanout`: \
          one coordinator and N agents (`--no-http`, so every chunk is an MQTT frame on the \
-         release's shared topic) on one {cores}-core machine, all fetching one seeded {} release \
-         ({} unique chunks, {} compressed) at once. MB = 10⁶ bytes.\n",
-        mb(release.bytes),
-        release.chunks,
-        mb(release.chunk_bytes)
+         release's shared topic) on one {cores}-core machine. Each run rolls out a fresh seeded \
+         release of {} (new chunks per run: {}) to all agents at once; runs follow each other \
+         in one fleet. Ratio = coordinator chunk egress / the release's new chunk bytes (their \
+         compressed sizes). MB = 10⁶ bytes.\n",
+        mb(releases.first().map_or(0, |r| r.bytes)),
+        releases
+            .iter()
+            .map(|r| format!("{} in {} chunks", mb(r.new_chunk_bytes), r.new_chunks))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "| broker | agents | coordinator chunk egress | new chunk bytes | ratio (target ≤ 1.5) | frames (deduped requests) | rollout start → all switched | delivered to agents (sum) | deploy commands (sum) | coordinator peak RSS |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| broker | agents | runs | coordinator chunk egress / new chunk bytes, median (target ≤ 1.5) | each run | rollout start → all switched, median |");
+    println!("|---|---|---|---|---|---|");
+    let mut groups: Vec<(Broker, usize)> = rows.iter().map(|r| (r.broker, r.agents)).collect();
+    groups.dedup();
+    for (broker, agents) in groups {
+        let group: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.broker == broker && r.agents == agents)
+            .collect();
+        let mut ratios: Vec<f64> = group.iter().map(|r| ratio(r)).collect();
+        let each = ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        ratios.sort_by(f64::total_cmp);
+        let times: Vec<Duration> = group.iter().map(|r| r.switched).collect();
+        println!(
+            "| {} | {agents} | {} | **{:.2}** | {each} | {:.1} s |",
+            broker_name(broker),
+            group.len(),
+            ratios[ratios.len() / 2],
+            median(&times).as_secs_f64()
+        );
+    }
+    println!("\n| broker | agents | run | chunk egress | new chunk bytes | ratio | frames published | requests deduped | rollout start → all switched | delivered to agents (sum) | deploy commands (sum) | coordinator peak RSS since start |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {} ({}) | {:.1} s | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1} s | {} | {} | {} |",
             broker_name(row.broker),
             row.agents,
+            row.run,
             mb(row.egress),
-            mb(release.chunk_bytes),
-            row.egress as f64 / release.chunk_bytes as f64,
+            mb(row.new_chunk_bytes),
+            ratio(row),
             row.frames,
             row.deduped,
             row.switched.as_secs_f64(),
@@ -388,20 +447,16 @@ fn print_table(release: &Release, rows: &[Row]) {
         "\nEgress is the growth of `coordinator stats --json` `mqtt_frame_bytes` (frame header + \
          zstd frame, MQTT framing excluded) over the rollout; the broker then delivers each frame \
          to every subscribed node. Deploy commands (one per node, each carrying the signed \
-         manifest) are not in the egress figure."
+         manifest) are not in the egress figure. Coordinator peak RSS includes the embedded \
+         broker when there is one."
     );
-    for row in rows {
-        if row.http_bytes != 0 {
-            println!(
-                "\nWarning: {} bytes went over HTTP in the {}-agent run despite `--no-http`.",
-                row.http_bytes, row.agents
-            );
-        }
-        eprintln!(
-            "{} broker, {} agents: started in {:.1} s",
+    for row in rows.iter().filter(|r| r.http_bytes != 0) {
+        println!(
+            "\nWarning: {} went over HTTP in {} broker run {} with {} agents despite `--no-http`.",
+            mb(row.http_bytes),
             broker_name(row.broker),
-            row.agents,
-            row.start_agents.as_secs_f64()
+            row.run,
+            row.agents
         );
     }
 }
