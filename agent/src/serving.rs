@@ -342,14 +342,7 @@ impl Serving {
     /// Flips traffic back to the warm version, if it is `release`; returns whether it did.
     /// The failed (or abandoned) active version is stopped.
     pub async fn flip_back_to(&mut self, release: &ReleaseId) -> bool {
-        let warm_matches = self
-            .warm
-            .as_ref()
-            .is_some_and(|(v, _)| &v.release == release);
-        if !warm_matches {
-            return false;
-        }
-        let Some((warm, _)) = self.warm.take() else {
+        let Some((warm, _)) = self.warm.take_if(|(v, _)| &v.release == release) else {
             return false;
         };
         let failed = self.active.take();

@@ -332,21 +332,48 @@ fn run_summary(run: Option<&RunSpec>) -> String {
 
 /// `coordinator release list`.
 pub async fn release_list(client: &ApiClient, json: bool) -> anyhow::Result<()> {
-    if json {
-        let value: serde_json::Value = client.get_json("listing releases", "/api/releases").await?;
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).context("cannot format the result")?
-        );
-        return Ok(());
+    let listing = Listing {
+        what: "listing releases",
+        path: "/api/releases",
+        empty: "no releases have been published yet",
+    };
+    listing
+        .show(client, json, |releases: &[ReleaseView]| {
+            releases_table(releases, unix_now())
+        })
+        .await
+}
+
+/// A `GET` of a list printed as JSON as-is, or as a table.
+struct Listing {
+    what: &'static str,
+    path: &'static str,
+    empty: &'static str,
+}
+
+impl Listing {
+    async fn show<T: DeserializeOwned>(
+        &self,
+        client: &ApiClient,
+        json: bool,
+        table: impl FnOnce(&[T]) -> String,
+    ) -> anyhow::Result<()> {
+        if json {
+            let value: serde_json::Value = client.get_json(self.what, self.path).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).context("cannot format the result")?
+            );
+            return Ok(());
+        }
+        let items: Vec<T> = client.get_json(self.what, self.path).await?;
+        if items.is_empty() {
+            println!("{}", self.empty);
+        } else {
+            print!("{}", table(&items));
+        }
+        Ok(())
     }
-    let releases: Vec<ReleaseView> = client.get_json("listing releases", "/api/releases").await?;
-    if releases.is_empty() {
-        println!("no releases have been published yet");
-        return Ok(());
-    }
-    print!("{}", releases_table(&releases, unix_now()));
-    Ok(())
 }
 
 /// Published releases as an aligned text table.
@@ -518,21 +545,16 @@ pub async fn node_rollback(client: &ApiClient, nodes: &[String], json: bool) -> 
 
 /// `coordinator nodes`.
 pub async fn nodes(client: &ApiClient, json: bool) -> anyhow::Result<()> {
-    if json {
-        let value: serde_json::Value = client.get_json("listing nodes", "/api/nodes").await?;
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).context("cannot format the result")?
-        );
-        return Ok(());
-    }
-    let nodes: Vec<NodeView> = client.get_json("listing nodes", "/api/nodes").await?;
-    if nodes.is_empty() {
-        println!("no nodes have reported yet");
-        return Ok(());
-    }
-    print!("{}", nodes_table(&nodes, unix_now()));
-    Ok(())
+    let listing = Listing {
+        what: "listing nodes",
+        path: "/api/nodes",
+        empty: "no nodes have reported yet",
+    };
+    listing
+        .show(client, json, |nodes: &[NodeView]| {
+            nodes_table(nodes, unix_now())
+        })
+        .await
 }
 
 /// The inventory as an aligned text table.

@@ -126,20 +126,7 @@ fn rss_of(nodes: &[Agent]) -> Result<Vec<u64>> {
         .iter()
         .map(|node| {
             let pid = node.pid().context("agent is not running")?;
-            vm_rss_kib(pid)
+            system_tests::bench_data::proc_status_kib(pid, "VmRSS")
         })
         .collect()
-}
-
-fn vm_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line in /proc/PID/status")?;
-    line.split_whitespace()
-        .nth(1)
-        .context("malformed VmRSS line")?
-        .parse()
-        .context("malformed VmRSS value")
 }
