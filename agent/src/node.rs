@@ -188,7 +188,7 @@ pub fn deploy_http_sources(command: &Command) -> Vec<String> {
 /// The manifest envelope of a deploy action.
 pub fn deploy_manifest(command: &Command) -> Option<&Envelope> {
     match &command.action {
-        Action::Deploy { manifest, .. } => Some(manifest),
+        Action::Deploy { manifest, .. } | Action::Stage { manifest, .. } => Some(manifest),
         Action::Rollback {} => None,
     }
 }

@@ -344,7 +344,7 @@ impl MainLoop {
             NodeTopic::Presence => self.on_presence(node, payload, live),
             NodeTopic::Events => self.on_event(node, payload, live),
             NodeTopic::ChunkRequests => self.on_chunk_request(node, payload),
-            NodeTopic::Command => {}
+            NodeTopic::Command | NodeTopic::Metrics | NodeTopic::MetricsAck => {}
         }
     }
 

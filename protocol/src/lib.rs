@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod messages;
 pub mod names;
 pub mod run;
+pub mod telemetry;
 pub mod topics;
 pub mod units;
 

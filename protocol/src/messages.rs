@@ -45,6 +45,14 @@ pub enum Action {
         #[serde(default)]
         http_sources: Vec<String>,
     },
+    /// Stage this release and hold it: fetch and assemble its slot, report it as `staged`,
+    /// and switch only when a later `Deploy` of the same manifest arrives (which then needs
+    /// no download). A node already running the release does nothing.
+    Stage {
+        manifest: Envelope,
+        #[serde(default)]
+        http_sources: Vec<String>,
+    },
     /// Return to the previous version, with no download: a flip while it is still warm, a
     /// restart from its slot otherwise. Refused by a node that has no previous version.
     Rollback {},
@@ -54,6 +62,7 @@ impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Action::Deploy { .. } => "deploy",
+            Action::Stage { .. } => "stage",
             Action::Rollback {} => "rollback",
         }
     }

@@ -7,6 +7,8 @@
 //! {prefix}/nodes/{node}/presence     agent → coordinator  Presence, retained; last will = offline
 //! {prefix}/nodes/{node}/events       agent → coordinator  Event
 //! {prefix}/nodes/{node}/chunk-req    agent → coordinator  ChunkRequest
+//! {prefix}/nodes/{node}/metrics      agent → coordinator  MetricBatch
+//! {prefix}/nodes/{node}/metrics-ack  coordinator → agent  MetricAck
 //! {prefix}/releases/{app}/{version}/chunks  coordinator → agents  ChunkFrame (shared by all)
 //! ```
 
@@ -22,15 +24,19 @@ pub enum NodeTopic {
     Presence,
     Events,
     ChunkRequests,
+    Metrics,
+    MetricsAck,
 }
 
 impl NodeTopic {
-    const ALL: [NodeTopic; 5] = [
+    const ALL: [NodeTopic; 7] = [
         NodeTopic::Command,
         NodeTopic::State,
         NodeTopic::Presence,
         NodeTopic::Events,
         NodeTopic::ChunkRequests,
+        NodeTopic::Metrics,
+        NodeTopic::MetricsAck,
     ];
 
     fn leaf(self) -> &'static str {
@@ -40,6 +46,8 @@ impl NodeTopic {
             NodeTopic::Presence => "presence",
             NodeTopic::Events => "events",
             NodeTopic::ChunkRequests => "chunk-req",
+            NodeTopic::Metrics => "metrics",
+            NodeTopic::MetricsAck => "metrics-ack",
         }
     }
 }
