@@ -6,7 +6,8 @@
 //! - `nodes`:        node id → [`NodeRecord`] (inventory: last state, presence, last event)
 //! - `desired`:      node id → the sealed command envelope bytes the node should act on
 //! - `rollouts`:     rollout id (u64 big-endian) → [`RolloutRecord`]
-//! - `meta`:         `seq`, `rollout` → u64 big-endian counters
+//! - `log`:          entry id (u64 big-endian) → [`LogEntry`] (the deploy log, append-only)
+//! - `meta`:         `seq`, `rollout`, `log` → u64 big-endian counters
 //!
 //! Invariants: a release is inserted once (`insert_release` is atomic over both release trees)
 //! and its envelope is never changed. The one thing that may change later is the summary's
@@ -93,6 +94,26 @@ pub enum Inserted {
 
 const SEQ_KEY: &[u8] = b"seq";
 const ROLLOUT_KEY: &[u8] = b"rollout";
+const LOG_KEY: &[u8] = b"log";
+
+/// One deploy-log entry: who did what, to which nodes, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Position in the log (1, 2, …); entries are never changed or removed.
+    pub id: u64,
+    pub at: UnixSeconds,
+    /// The identity of the API token that asked, or `coordinator` (with the rollout it acts
+    /// for in `target`) for steps a rollout takes by itself.
+    pub who: String,
+    /// What was done, e.g. `release publish`, `rollout start`, `wave switch`, `node rollback`.
+    pub action: String,
+    /// What it was done to, e.g. `web@2`, `rollout 7`.
+    pub target: String,
+    #[serde(default)]
+    pub nodes: Vec<NodeId>,
+    /// How it ended, in one line: `ok`, `refused: …`, `failed: …`.
+    pub outcome: String,
+}
 
 #[derive(Clone)]
 pub struct Db {
@@ -102,6 +123,7 @@ pub struct Db {
     nodes: sled::Tree,
     desired: sled::Tree,
     rollouts: sled::Tree,
+    log: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -149,6 +171,7 @@ impl Db {
             nodes: db.open_tree("nodes")?,
             desired: db.open_tree("desired")?,
             rollouts: db.open_tree("rollouts")?,
+            log: db.open_tree("log")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -312,6 +335,28 @@ impl Db {
         Ok(())
     }
 
+    /// Appends an entry to the deploy log (its `id` is assigned here) and returns it. Not
+    /// durable until [`Db::flush`].
+    pub fn append_log(&self, mut entry: LogEntry) -> Result<LogEntry, DbError> {
+        entry.id = self.bump(LOG_KEY, 1)?;
+        self.log
+            .insert(entry.id.to_be_bytes(), encode_json(&entry))?;
+        Ok(entry)
+    }
+
+    /// Deploy-log entries at or after `since`, oldest first.
+    pub fn log_since(&self, since: UnixSeconds) -> Result<Vec<LogEntry>, DbError> {
+        let mut entries = Vec::new();
+        for kv in self.log.iter() {
+            let (k, v) = kv?;
+            let entry: LogEntry = decode_json("log entry", &k, &v)?;
+            if entry.at >= since {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
+    }
+
     pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, DbError> {
         let key = id.to_be_bytes();
         self.rollouts
@@ -455,5 +500,51 @@ mod tests {
         db.set_desired(&node, b"cmd").expect("set");
         assert_eq!(db.desired_nodes().expect("list"), vec![node.clone()]);
         assert_eq!(db.desired(&node).expect("get"), Some(b"cmd".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn the_deploy_log_appends_in_order_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let entry = |at: u64, action: &str| LogEntry {
+            id: 0,
+            at,
+            who: "alice".to_owned(),
+            action: action.to_owned(),
+            target: "web@2".to_owned(),
+            nodes: vec![NodeId::new("n1").expect("node")],
+            outcome: "ok".to_owned(),
+        };
+        {
+            let db = Db::open(&path).expect("open");
+            assert_eq!(
+                db.append_log(entry(10, "release publish"))
+                    .expect("append")
+                    .id,
+                1
+            );
+            assert_eq!(
+                db.append_log(entry(20, "rollout start"))
+                    .expect("append")
+                    .id,
+                2
+            );
+            db.flush().await.expect("flush");
+        }
+        let db = Db::open(&path).expect("reopen");
+        assert_eq!(
+            db.append_log(entry(30, "node rollback"))
+                .expect("append")
+                .id,
+            3
+        );
+        let actions: Vec<String> = db
+            .log_since(20)
+            .expect("read")
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["rollout start", "node rollback"]);
+        assert_eq!(db.log_since(0).expect("read").len(), 3);
     }
 }

@@ -44,7 +44,7 @@ use crate::db::{Db, DbError, Inserted, ReleaseInfo, RolloutRecord};
 use crate::main_loop::ApiRequest;
 use crate::release::{self, RollbackRefused};
 use crate::stats::Stats;
-use crate::token::AdminToken;
+use crate::token::{AdminToken, Identity};
 use crate::unix_now;
 
 /// Shared by every handler.
@@ -150,12 +150,13 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
+async fn require_token(State(state): State<Shared>, mut request: Request, next: Next) -> Response {
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if state.token.authorizes(header) {
+        request.extensions_mut().insert(Identity::admin());
         return next.run(request).await;
     }
     let mut response = ApiError::new(

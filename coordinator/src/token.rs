@@ -29,6 +29,29 @@ pub enum TokenError {
     Empty(PathBuf),
 }
 
+/// Who is calling the API: the name of the token presented. Handlers take it as
+/// `Extension<Identity>` (the token middleware inserts it) and write it to the deploy log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity(pub String);
+
+impl Identity {
+    /// The identity of `DATA/admin.token`.
+    pub fn admin() -> Identity {
+        Identity("admin".to_owned())
+    }
+
+    /// The coordinator itself, for the steps a rollout takes on its own.
+    pub fn coordinator() -> Identity {
+        Identity("coordinator".to_owned())
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A secret bearer token. Deliberately not `Display`: it is never logged.
 #[derive(Clone)]
 pub struct AdminToken(String);

@@ -49,6 +49,11 @@ pub struct RunSpec {
     /// How long a version has to exit after SIGTERM before it is killed.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u32,
+    /// The URL path of the version's Prometheus-format metrics (e.g. `/metrics`), scraped by
+    /// the agent on its private port for the health telemetry canaries are judged on. Without
+    /// it the node reports host metrics only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_path: Option<String>,
     /// The default strategy: the agent owns the public port and forwards to the version.
     #[serde(default)]
     pub front_door: Option<FrontDoor>,
@@ -206,6 +211,10 @@ fn check_secs(field: &'static str, secs: u32, min: u32) -> Result<(), RunSpecErr
     Ok(())
 }
 
+fn is_url_path(path: &str) -> bool {
+    path.starts_with('/') && path.len() <= MAX_STRING && !path.contains(char::is_whitespace)
+}
+
 impl RunSpec {
     pub fn validate(&self) -> Result<(), RunSpecError> {
         let command_ok = if self.command.starts_with('/') {
@@ -235,6 +244,11 @@ impl RunSpec {
         check_secs("grace_secs", self.grace_secs, 0)?;
         check_secs("stop_timeout_secs", self.stop_timeout_secs, 1)?;
         self.health_check()?;
+        if let Some(path) = &self.metrics_path {
+            if !is_url_path(path) {
+                return Err(invalid("metrics_path", "must be a URL path such as /metrics"));
+            }
+        }
         let health = &self.health;
         if !(50..=60_000).contains(&health.interval_ms)
             || !(50..=60_000).contains(&health.timeout_ms)
@@ -278,10 +292,7 @@ impl RunSpec {
         let h = &self.health;
         match (&h.http, h.tcp, &h.command) {
             (Some(path), false, None) => {
-                if !path.starts_with('/')
-                    || path.len() > MAX_STRING
-                    || path.contains(char::is_whitespace)
-                {
+                if !is_url_path(path) {
                     return Err(invalid(
                         "health.http",
                         "must be a URL path such as /healthz",
