@@ -25,7 +25,7 @@ pub use manifest::{ChunkRef, Entry, Manifest, ManifestError, RelPath, ReleaseKin
 pub use names::{AppName, NameError, NodeId, ReleaseId, Version};
 pub use run::RunSpec;
 pub use topics::{NodeTopic, Topics};
-pub use units::human_bytes;
+pub use units::{human_bytes, human_duration, parse_duration, DurationError};
 
 /// Version of this wire contract. Every message carries it; a peer refuses messages from a
 /// newer major protocol rather than guessing at their meaning.

@@ -246,7 +246,10 @@ impl RunSpec {
         self.health_check()?;
         if let Some(path) = &self.metrics_path {
             if !is_url_path(path) {
-                return Err(invalid("metrics_path", "must be a URL path such as /metrics"));
+                return Err(invalid(
+                    "metrics_path",
+                    "must be a URL path such as /metrics",
+                ));
             }
         }
         let health = &self.health;

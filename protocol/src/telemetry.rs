@@ -101,6 +101,37 @@ pub struct MetricAck {
     pub up_to: u64,
 }
 
+/// The `q` quantile (0 < q < 1) of a histogram given as cumulative counts per upper bound
+/// (Prometheus `le` buckets, ascending, without `+Inf`) and the total count (the `+Inf`
+/// bucket), by linear interpolation within the bucket it falls in, as Prometheus'
+/// `histogram_quantile` does. Observations above the last bound are reported at the last
+/// bound. `None` when there are no observations or the input is not a histogram.
+pub fn histogram_quantile(bounds: &[f64], cumulative: &[u64], total: u64, q: f64) -> Option<f64> {
+    if total == 0 || bounds.len() != cumulative.len() || !(q > 0.0 && q < 1.0) {
+        return None;
+    }
+    if cumulative.windows(2).any(|w| w[1] < w[0]) || cumulative.last().is_some_and(|&c| c > total) {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut lower_bound = 0.0;
+    let mut below = 0u64;
+    for (&bound, &count) in bounds.iter().zip(cumulative) {
+        if count as f64 >= rank {
+            let in_bucket = (count - below) as f64;
+            let fraction = if in_bucket > 0.0 {
+                (rank - below as f64) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(lower_bound + (bound - lower_bound) * fraction);
+        }
+        lower_bound = bound;
+        below = count;
+    }
+    bounds.last().copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +146,21 @@ mod tests {
             assert!(!valid_metric_name(bad), "{bad}");
         }
         assert_eq!(names::app_defined("queue_depth"), "app:queue_depth");
+    }
+
+    #[test]
+    fn histogram_quantiles_interpolate_within_the_bucket() {
+        let bounds = [0.1, 0.2, 0.4];
+        // 10 below 0.1, 10 in (0.1, 0.2], none in (0.2, 0.4], 0 above.
+        let cumulative = [10, 20, 20];
+        assert_eq!(histogram_quantile(&bounds, &cumulative, 20, 0.5), Some(0.1));
+        let p75 = histogram_quantile(&bounds, &cumulative, 20, 0.75).unwrap();
+        assert!((p75 - 0.15).abs() < 1e-12, "{p75}");
+        // Everything above the last bound: reported at the last bound.
+        assert_eq!(histogram_quantile(&bounds, &[0, 0, 0], 5, 0.99), Some(0.4));
+        assert_eq!(histogram_quantile(&bounds, &[0, 0, 0], 0, 0.5), None);
+        assert_eq!(histogram_quantile(&bounds, &[5, 3, 9], 9, 0.5), None);
+        assert_eq!(histogram_quantile(&bounds, &cumulative, 20, 1.0), None);
     }
 
     /// The wire format is a contract: a change here must be deliberate.
