@@ -10,6 +10,7 @@ use protocol::messages::{NodeState, Outcome};
 use protocol::{BrokerAddr, NodeId, Topics, TrustedKeys};
 
 use crate::daemon::Config;
+use crate::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +58,15 @@ pub struct RunArgs {
     /// that can reach the broker but not the coordinator's or mirrors' HTTP).
     #[arg(long)]
     pub no_http: bool,
+    /// How often to take a health sample (host metrics, and the serving version's own
+    /// metrics when its release sets `metrics_path`): a whole number with a unit, e.g. 10s,
+    /// 1m. At least 200ms (values under a second are meant for tests).
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub metrics_interval: String,
+    /// How many samples to keep on disk while the coordinator cannot be reached; when full,
+    /// the oldest are dropped (and counted). The default is a day at 10-second samples.
+    #[arg(long, default_value_t = crate::telemetry::DEFAULT_BUFFER, value_name = "SAMPLES")]
+    pub metrics_buffer: u64,
 }
 
 #[derive(Args)]
@@ -94,6 +104,21 @@ impl RunArgs {
         if self.max_fetch_rate == Some(0) {
             bail!("--max-fetch-rate must be above 0 bytes per second");
         }
+        let metrics_interval =
+            protocol::parse_duration(&self.metrics_interval).context("--metrics-interval")?;
+        if metrics_interval < telemetry::MIN_INTERVAL {
+            bail!(
+                "--metrics-interval {} is too short: at least {}",
+                self.metrics_interval,
+                protocol::human_duration(telemetry::MIN_INTERVAL)
+            );
+        }
+        if !(1..=telemetry::MAX_BUFFER).contains(&self.metrics_buffer) {
+            bail!(
+                "--metrics-buffer must be between 1 and {} samples",
+                telemetry::MAX_BUFFER
+            );
+        }
         std::fs::create_dir_all(&self.data)
             .with_context(|| format!("cannot create the data directory {}", self.data.display()))?;
         Ok(Config {
@@ -105,6 +130,10 @@ impl RunArgs {
             topics,
             max_fetch_rate: self.max_fetch_rate,
             use_http: !self.no_http,
+            telemetry: telemetry::Settings {
+                interval: metrics_interval,
+                buffer_capacity: self.metrics_buffer,
+            },
         })
     }
 }
@@ -124,16 +153,28 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&state)?);
         return Ok(());
     }
+    print!("{}", render(&state));
+    Ok(())
+}
+
+/// The table `agent status` prints: one line per version the node has (current, previous,
+/// and a complete slot staged for the next switch), the staging under way and the last
+/// update.
+fn render(state: &NodeState) -> String {
+    use std::fmt::Write as _;
     let slot = |s: &Option<protocol::messages::SlotReport>| match s {
         Some(s) => format!("{}  ({})", s.release, s.slot_dir),
         None => "-".to_owned(),
     };
-    println!("node      {}", state.node);
-    println!("current   {}", slot(&state.current));
-    println!("previous  {}", slot(&state.previous));
-    println!("staged    {}", slot(&state.staged));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "node      {}", state.node);
+    let _ = writeln!(out, "current   {}", slot(&state.current));
+    let _ = writeln!(out, "previous  {}", slot(&state.previous));
+    let _ = writeln!(out, "staged    {}", slot(&state.staged));
     if let Some(p) = &state.staging {
-        println!(
+        let _ = writeln!(
+            out,
             "staging   {}  {}/{} chunks, {}/{} bytes",
             p.release, p.chunks_have, p.chunks_total, p.bytes_have, p.bytes_total
         );
@@ -144,11 +185,58 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             Outcome::Failed { reason } => format!("failed: {reason}"),
             Outcome::RolledBack { reason } => format!("rolled back: {reason}"),
         };
-        println!("last      {}  {outcome}", u.release);
-        println!(
+        let _ = writeln!(out, "last      {}  {outcome}", u.release);
+        let _ = writeln!(
+            out,
             "          fetched {} B over MQTT, {} B over HTTP, reused {} B locally, {} chunks ({} rejected); staging {} ms, switch {} ms",
             u.bytes_fetched_mqtt, u.bytes_fetched_http, u.bytes_reused, u.chunks_fetched, u.chunks_rejected, u.staging_ms, u.switch_ms
         );
     }
-    Ok(())
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::messages::SlotReport;
+    use protocol::{AppName, Digest, ReleaseId, Version};
+
+    fn slot(version: &str) -> SlotReport {
+        SlotReport {
+            release: ReleaseId::new(AppName::new("web").unwrap(), Version::new(version).unwrap()),
+            manifest_digest: Digest::of(version.as_bytes()),
+            slot_dir: format!("/data/slots/web-{version}"),
+        }
+    }
+
+    #[test]
+    fn status_shows_the_held_release_beside_the_current_one() {
+        let state = NodeState {
+            protocol: protocol::PROTOCOL_VERSION,
+            node: NodeId::new("n1").unwrap(),
+            labels: BTreeMap::new(),
+            agent_version: "0".into(),
+            current: Some(slot("1")),
+            previous: None,
+            staged: Some(slot("2")),
+            staging: None,
+            last_update: None,
+            last_seq: 2,
+            reported_at: 0,
+        };
+        let table = render(&state);
+        assert!(
+            table.contains("current   web@1  (/data/slots/web-1)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("staged    web@2  (/data/slots/web-2)"),
+            "{table}"
+        );
+        let nothing_staged = render(&NodeState {
+            staged: None,
+            ..state
+        });
+        assert!(nothing_staged.contains("staged    -"), "{nothing_staged}");
+    }
 }

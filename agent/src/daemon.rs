@@ -3,13 +3,17 @@
 //! journal, the slots and the reports.
 //!
 //! Save points, in order (each flushed before the step it guards is acted on):
-//! 1. a verified deploy is accepted: seq consumed, manifest stored, target = Staging;
-//! 2. the slot is assembled and renamed into place: target = Switching;
+//! 1. a verified deploy or stage is accepted: seq consumed, manifest stored, target =
+//!    Staging (held for a stage);
+//! 2. the slot is assembled and renamed into place, with what staging cost: target =
+//!    Switching, or Staged for a held target, which stops here (reported as `staged`)
+//!    until a deploy of the same manifest moves it to Switching, saved before the switch;
 //! 3. the active pointer names the new slot: current/previous rotated, target cleared.
 //!
-//! Then old slots are collected. A crash between any two points is resumed by
-//! [`Daemon::recover`]: Staging restarts the fetch from the verified chunks on disk,
-//! Switching re-points (idempotent) and completes.
+//! Then old slots are collected (a held slot is kept; fetched chunks go once no slot is
+//! being assembled). A crash between any two points is resumed by [`Daemon::recover`]:
+//! Staging restarts the fetch from the verified chunks on disk, Staged stays held (staged
+//! again if its slot has gone), Switching re-points (idempotent) and completes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,9 +38,10 @@ use crate::fault;
 use crate::fetch::{self, FetchLink, FetchNote, Inbound, StageJob, StageReport};
 use crate::journal::{write_atomic, Journal};
 use crate::link::{self, LinkEvent};
-use crate::node::{self, DeployPlan, Installed, NodeState, Phase, Refusal};
+use crate::node::{self, DeployPlan, Installed, NodeState, Phase, Refusal, StagingCost};
 use crate::serving::{Serving, Verdict};
 use crate::slots::Slots;
+use crate::telemetry::{self, Telemetry};
 
 /// Validated settings for `agent run`.
 pub struct Config {
@@ -49,6 +54,19 @@ pub struct Config {
     pub max_fetch_rate: Option<u64>,
     /// Whether to use the HTTP(S) chunk sources a deploy lists (MQTT is always the last).
     pub use_http: bool,
+    pub telemetry: telemetry::Settings,
+}
+
+/// The figures of a finished staging, as journaled with its target.
+fn staging_cost(report: &StageReport) -> StagingCost {
+    StagingCost {
+        bytes_fetched_mqtt: report.bytes_fetched_mqtt,
+        bytes_fetched_http: report.bytes_fetched_http,
+        bytes_reused: report.bytes_reused,
+        chunks_fetched: report.chunks_fetched,
+        chunks_rejected: report.chunks_rejected,
+        staging_ms: report.elapsed.as_millis() as u64,
+    }
 }
 
 pub fn now() -> UnixSeconds {
@@ -79,6 +97,7 @@ pub struct Daemon {
     notes_tx: mpsc::Sender<FetchNote>,
     http: reqwest::Client,
     serving: Serving,
+    telemetry: Telemetry,
 }
 
 /// Everything the run loop reacts to.
@@ -114,6 +133,8 @@ pub async fn run(
     let (notes_tx, mut notes_rx) = mpsc::channel(64);
     let http = fetch::http_client().context("cannot set up the HTTP client")?;
     let serving = Serving::new(&config.data_dir).await;
+    let telemetry =
+        Telemetry::start(&config, client.clone(), &journal).context("cannot start telemetry")?;
 
     let mut daemon = Daemon {
         config,
@@ -126,6 +147,7 @@ pub async fn run(
         notes_tx,
         http,
         serving,
+        telemetry,
     };
     daemon.recover().await?;
     tracing::info!(node = %daemon.config.node, current = ?daemon.state.current.as_ref().map(|c| c.release.to_string()), "agent started");
@@ -148,6 +170,7 @@ pub async fn run(
         };
         match wake {
             Wake::Link(LinkEvent::Connected) => daemon.on_connected(),
+            Wake::Link(LinkEvent::Disconnected) => daemon.telemetry.link_down(),
             Wake::Link(LinkEvent::Message { topic, payload }) => {
                 match daemon.staging.as_ref().filter(|s| s.chunk_topic == topic) {
                     // Awaited, not dropped when full: the staging task takes frames as fast
@@ -167,6 +190,7 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    daemon.telemetry.stop().await;
     if let Some(staging) = daemon.staging.take() {
         staging.task.abort();
     }
@@ -193,8 +217,9 @@ impl Daemon {
             match target.phase {
                 Phase::Switching => {
                     tracing::info!(release = %target.installed.release, "completing an interrupted switch");
-                    self.switch(Instant::now(), StageReport::default()).await?;
+                    self.switch(Instant::now()).await?;
                 }
+                Phase::Staged => self.keep_held(target).await?,
                 Phase::Staging => {
                     tracing::info!(release = %target.installed.release, "resuming an interrupted staging");
                     self.start_staging(target).await?;
@@ -219,6 +244,10 @@ impl Daemon {
         let command_topic = self.config.topics.node(me, NodeTopic::Command);
         // The session may not have survived (a broker restart): subscribe every time.
         let _ = self.client.try_subscribe(command_topic, QoS::AtLeastOnce);
+        let _ = self
+            .client
+            .try_subscribe(self.telemetry.ack_topic(), QoS::AtLeastOnce);
+        self.telemetry.link_up();
         if let Some(staging) = &self.staging {
             let _ = self
                 .client
@@ -242,6 +271,10 @@ impl Daemon {
             Some((node, NodeTopic::Command)) if node == self.config.node => {
                 self.on_command(&payload).await
             }
+            Some((node, NodeTopic::MetricsAck)) if node == self.config.node => {
+                self.telemetry.on_ack(&payload);
+                Ok(())
+            }
             _ => {
                 tracing::debug!(topic, "ignoring a message on an unexpected topic");
                 Ok(())
@@ -250,6 +283,8 @@ impl Daemon {
     }
 
     async fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        // A switch to a held slot is timed from here: the operator's view of its speed.
+        let received = Instant::now();
         let now = now();
         let command = match node::open_command(
             payload,
@@ -292,20 +327,34 @@ impl Daemon {
         } else {
             Vec::new()
         };
-        let plan = self
-            .state
-            .accept_deploy(command.seq, release, digest, sources, now);
+        let plan = match &command.action {
+            messages::Action::Stage { .. } => {
+                self.state
+                    .accept_stage(command.seq, release, digest, sources, now)
+            }
+            _ => self
+                .state
+                .accept_deploy(command.seq, release, digest, sources, now),
+        };
         self.journal.save(&self.state)?;
         fault::point("accepted");
         match plan {
             DeployPlan::AlreadyCurrent => {
                 self.cancel_staging();
+                // A held slot it replaced is garbage now.
+                self.collect_garbage();
                 self.report();
             }
             DeployPlan::Stage(target) => {
                 self.cancel_staging();
-                self.start_staging(target).await?;
+                // A held slot it replaced is garbage now, and its room may be needed. The
+                // fetch store stays: the new target is being assembled.
+                self.collect_garbage();
+                self.start_staging(*target).await?;
             }
+            // The staging under way goes on (held or not, as the command said).
+            DeployPlan::Continue => self.report(),
+            DeployPlan::Switch => self.switch_to_held(received).await?,
         }
         Ok(())
     }
@@ -349,14 +398,11 @@ impl Daemon {
         } = target;
         let manifest = Arc::new(self.manifest_of(&target)?);
         let slot_dir = self.slots.dir(&target.slot);
-        // A crash after the slot was renamed into place but before save point 2.
+        // A crash after the slot was renamed into place but before save point 2. What that
+        // staging cost died with it.
         if slot_dir.exists() {
             match images::assemble::verify_slot(&manifest, &slot_dir) {
-                Ok(()) => {
-                    self.state.staged();
-                    self.journal.save(&self.state)?;
-                    return self.switch(Instant::now(), StageReport::default()).await;
-                }
+                Ok(()) => return self.slot_complete(StagingCost::default()).await,
                 Err(e) => {
                     tracing::warn!(slot = %target.slot, error = %e, "found an unverifiable slot; staging it again");
                     self.slots
@@ -461,11 +507,7 @@ impl Daemon {
                     ms = report.elapsed.as_millis() as u64,
                     "staged"
                 );
-                // Save point 2.
-                self.state.staged();
-                self.journal.save(&self.state)?;
-                fault::point("staged");
-                self.switch(Instant::now(), report).await
+                self.slot_complete(staging_cost(&report)).await
             }
             Ok(Err(error)) => {
                 let reason = error.to_string();
@@ -478,6 +520,62 @@ impl Daemon {
                 staging.rejected,
                 Vec::new(),
             ),
+        }
+    }
+
+    /// Save point 2: the target's slot is complete and cost `cost`. A held target stops
+    /// here, reported as staged (its fetched chunks are no longer needed); any other is
+    /// switched to at once.
+    async fn slot_complete(&mut self, cost: StagingCost) -> anyhow::Result<()> {
+        let phase = self.state.staged(cost);
+        self.journal.save(&self.state)?;
+        fault::point("staged");
+        match phase {
+            Some(Phase::Switching) => self.switch(Instant::now()).await,
+            Some(Phase::Staged) => {
+                if let Some(target) = &self.state.target {
+                    tracing::info!(release = %target.installed.release, slot = %target.installed.slot, "staged and held until deployed");
+                }
+                self.collect_garbage();
+                self.report();
+                Ok(())
+            }
+            Some(Phase::Staging) | None => Ok(()),
+        }
+    }
+
+    /// Recovery of a held target: it stays held while its slot is there. A slot that has
+    /// gone (removed by hand) is staged again, still held, rather than switched to later.
+    async fn keep_held(&mut self, target: node::Target) -> anyhow::Result<()> {
+        if self.slots.dir(&target.installed.slot).is_dir() {
+            tracing::info!(release = %target.installed.release, slot = %target.installed.slot, "holding a staged release until it is deployed");
+            return Ok(());
+        }
+        tracing::warn!(release = %target.installed.release, slot = %target.installed.slot, "the held slot is gone; staging it again");
+        self.restage().await
+    }
+
+    /// A deploy of the held release: switch to its slot with no download, timed from the
+    /// command's arrival (`received`). The target is already saved as Switching.
+    async fn switch_to_held(&mut self, received: Instant) -> anyhow::Result<()> {
+        let Some(target) = self.state.target.clone() else {
+            return Ok(());
+        };
+        if !self.slots.dir(&target.installed.slot).is_dir() {
+            tracing::warn!(release = %target.installed.release, slot = %target.installed.slot, "the held slot is gone; staging it again before switching");
+            return self.restage().await;
+        }
+        tracing::info!(release = %target.installed.release, "switching to the held slot");
+        self.switch(received).await
+    }
+
+    /// Stages the target again from scratch (its complete slot was lost), keeping its hold.
+    async fn restage(&mut self) -> anyhow::Result<()> {
+        self.state.restage();
+        self.journal.save(&self.state)?;
+        match self.state.target.clone() {
+            Some(target) => self.start_staging(target).await,
+            None => Ok(()),
         }
     }
 
@@ -526,11 +624,14 @@ impl Daemon {
     /// version beside the old one and moves traffic once it is healthy (a version that does
     /// not become healthy fails the update and the old one keeps serving); then moves the
     /// active pointer and records the switch (save point 3), starting the probation.
-    async fn switch(&mut self, started: Instant, staged: StageReport) -> anyhow::Result<()> {
+    /// `started` is when the decision to switch was made; the staging figures come from the
+    /// journaled target (zero if they were lost to a crash before save point 2).
+    async fn switch(&mut self, started: Instant) -> anyhow::Result<()> {
         let Some(target) = self.state.target.clone() else {
             return Ok(());
         };
         debug_assert_eq!(target.phase, Phase::Switching);
+        let staged = target.staging_cost.unwrap_or_default();
         let installed = &target.installed;
         let spec = self.run_spec(installed)?;
         match &spec {
@@ -566,7 +667,7 @@ impl Daemon {
             bytes_reused: staged.bytes_reused,
             chunks_fetched: staged.chunks_fetched,
             chunks_rejected: staged.chunks_rejected,
-            staging_ms: staged.elapsed.as_millis() as u64,
+            staging_ms: staged.staging_ms,
             switch_ms: started.elapsed().as_millis() as u64,
             outcome: Outcome::Switched,
             finished_at: now(),
@@ -681,7 +782,12 @@ impl Daemon {
             .clone()
             .context("a rollback always leaves a current version")?;
         match self.run_spec(&current)? {
-            Some(_) if self.serving.flip_back_to(&current.release).await => {}
+            // An operator's rollback leaves a healthy version: it stays warm.
+            Some(_)
+                if self
+                    .serving
+                    .flip_back_to(&current.release, seq.is_none())
+                    .await => {}
             Some(spec) => {
                 let dir = self.slots.dir(&current.slot);
                 let started_old = self
@@ -775,8 +881,8 @@ impl Daemon {
         if let Err(e) = self.journal.retain_manifests(&live) {
             tracing::warn!(error = %e, "could not prune stored manifests");
         }
-        // Fetched chunks are only needed until their slot is assembled.
-        if self.state.target.is_none() {
+        // Fetched chunks are only needed until their slot is assembled: a held slot is.
+        if !self.state.needs_fetched_chunks() {
             let cleared = self
                 .store
                 .digests()
@@ -799,9 +905,7 @@ impl Daemon {
     fn wire_state(&self) -> messages::NodeState {
         let staged = self
             .state
-            .target
-            .as_ref()
-            .filter(|t| t.phase == Phase::Switching)
+            .staged_target()
             .map(|t| self.slot_report(&t.installed));
         messages::NodeState {
             protocol: protocol::PROTOCOL_VERSION,
@@ -818,7 +922,12 @@ impl Daemon {
         }
     }
 
+    /// Publishes the node's state. Called after every change of state, which includes every
+    /// change of what serves: telemetry learns of those here.
     fn report(&self) {
+        let current = self.state.current.as_ref().map(|c| &c.release);
+        self.telemetry
+            .set_traffic(telemetry::Traffic::of(current, &self.serving));
         let state = serde_json::to_vec_pretty(&self.wire_state()).expect("state serializes");
         if let Err(e) = write_atomic(&self.config.data_dir.join("status.json"), &state) {
             tracing::warn!(error = %e, "could not write status.json");

@@ -6,6 +6,7 @@
 //!
 //! Verified manifests of installed and staged releases are kept beside the state, keyed by
 //! manifest digest, so that a restart can re-verify slots and reuse their chunks.
+//! The telemetry buffer lives in a tree of its own ([`Journal::telemetry_tree`]).
 //! `DATA/status.json` is a read-only snapshot for `agent status` (sled locks its directory,
 //! so a second process cannot open the journal while the agent runs).
 
@@ -71,6 +72,12 @@ impl Journal {
         self.db.insert(STATE_KEY, bytes)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The tree holding the telemetry buffer (see `telemetry::buffer`), in the same database
+    /// so that the agent keeps one sled instance, one cache and one flush discipline.
+    pub fn telemetry_tree(&self) -> Result<sled::Tree, JournalError> {
+        Ok(self.db.open_tree("telemetry")?)
     }
 
     /// Stores a manifest envelope (already verified by the caller); flushed with the next save.

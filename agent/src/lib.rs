@@ -7,6 +7,7 @@
 //! - [`slots`]: slot directories and the atomic active pointer.
 //! - [`fetch`]: a staging task: fetch missing chunks, verify, assemble.
 //! - [`link`]: the broker connection with backoff.
+//! - [`telemetry`]: health samples (host and app metrics), buffered durably and delivered.
 //! - [`daemon`]: the run loop tying them together.
 //! - [`cli`]: arguments, validation, `status`.
 
@@ -20,3 +21,4 @@ pub mod link;
 pub mod node;
 pub mod serving;
 pub mod slots;
+pub mod telemetry;

@@ -24,6 +24,8 @@ const REQUEST_QUEUE: usize = 256;
 pub enum LinkEvent {
     /// (Re)connected: subscriptions and retained reports must be (re)sent.
     Connected,
+    /// The connection was lost (once per loss, not per failed attempt to reconnect).
+    Disconnected,
     Message {
         topic: String,
         payload: Bytes,
@@ -65,6 +67,9 @@ pub async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<LinkEvent>) {
             Err(error) => {
                 if connected || failures == 0 {
                     tracing::warn!(%error, "broker unreachable; retrying with backoff");
+                }
+                if connected && events.send(LinkEvent::Disconnected).await.is_err() {
+                    return;
                 }
                 connected = false;
                 failures += 1;

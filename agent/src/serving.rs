@@ -178,6 +178,11 @@ impl Serving {
         self.active.as_ref().map(|v| &v.release)
     }
 
+    /// The version taking traffic.
+    pub fn active(&self) -> Option<&Version> {
+        self.active.as_ref()
+    }
+
     /// The public address of the front door, once bound.
     pub fn front_door(&self) -> Option<SocketAddr> {
         self.door.as_ref().map(|(_, d)| d.local_addr())
@@ -340,19 +345,28 @@ impl Serving {
     }
 
     /// Flips traffic back to the warm version, if it is `release`; returns whether it did.
-    /// The failed (or abandoned) active version is stopped.
-    pub async fn flip_back_to(&mut self, release: &ReleaseId) -> bool {
+    /// The version traffic leaves is stopped when it `failed`; otherwise (an operator's
+    /// rollback of a healthy version) it stays warm for the grace period of the version now
+    /// serving, as after any switch, so rolling forward again is a flip too.
+    pub async fn flip_back_to(&mut self, release: &ReleaseId, failed: bool) -> bool {
         let Some((warm, _)) = self.warm.take_if(|(v, _)| &v.release == release) else {
             return false;
         };
-        let failed = self.active.take();
-        if let Err(e) = self.route(&warm, failed.as_ref()).await {
+        let left = self.active.take();
+        if let Err(e) = self.route(&warm, left.as_ref()).await {
             tracing::error!(release = %warm.release, error = %e, "moving traffic back failed");
         }
         self.active = Some(warm);
         self.probation = None;
-        if let Some(failed) = failed {
-            failed.stop().await;
+        match left {
+            Some(left) if !failed => {
+                let grace = Duration::from_secs(u64::from(
+                    self.active.as_ref().map_or(0, |a| a.spec.grace_secs),
+                ));
+                self.warm = Some((left, Instant::now() + grace));
+            }
+            Some(left) => left.stop().await,
+            None => {}
         }
         true
     }

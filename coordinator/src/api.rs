@@ -6,13 +6,22 @@
 //! PUT  /api/chunks/{digest}?size=N   body: zstd frame        → {"digest":hex,"stored":bool}
 //! POST /api/releases         PublishRequest                  → PublishResponse
 //! GET  /api/releases                                         → [ReleaseView]
-//! POST /api/rollouts         {"app","version"}               → RolloutResponse
+//! POST /api/rollouts         RolloutRequest                  → RolloutResponse
+//! GET  /api/rollouts[/{id}[/canary]]                        → (bodies in `rollout/view.rs`)
+//! POST /api/rollouts/{id}/{pause|resume|abort|rollback}     → RolloutView
 //! GET  /api/nodes                                            → [NodeView]
 //! POST /api/nodes/rollback   {"nodes":[id..]}                → NodeRollbackResponse
 //! GET  /api/stats                                            → StatsView
+//! POST /api/tokens           {"name"}  (admin only)          → TokenCreated (the secret, once)
+//! GET  /api/tokens                                           → [TokenView]
+//! DELETE /api/tokens/{name}  (admin only)                    → TokenView
+//! GET  /api/log[?since=UNIX_SECS]                            → [LogEntry] (oldest first)
+//! GET  /api/metrics?node=N[,N]&version=APP@VER&since=SECS|from=UNIX&to=UNIX → MetricsResponse
+//! GET  /api/metrics/drops                                    → MetricDropsView
 //! GET  /chunks/{digest}      (no token)                      → the zstd frame
 //! ```
-//! Every `/api/*` call needs `Authorization: Bearer <token>`. Errors are `{"error": "..."}`.
+//! Every `/api/*` call needs `Authorization: Bearer <token>`: the admin token or a named one;
+//! the deploy log records which. Errors are `{"error": "..."}`.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +29,17 @@ use protocol::messages::{Event, SlotReport, StagingProgress, UpdateReport};
 use protocol::{Digest, Manifest, NodeId, ReleaseId, ReleaseKind, RunSpec, UnixSeconds};
 use serde::{Deserialize, Serialize};
 
+use crate::canary::CanaryConfig;
 use crate::db::{NodeRecord, ReleaseInfo};
+use crate::rollout::plan::PlanOptions;
+use crate::rollout::view::RolloutView;
+use crate::tokens::TokenRecord;
+
+/// `GET /api/log` answers with the entries as stored: the record is already the public shape
+/// (who, action, target, nodes, outcome, when).
+pub use crate::db::LogEntry;
+/// The metrics endpoints' bodies (`metrics/view.rs`; windows and limits in `metrics/http.rs`).
+pub use crate::metrics::view::{LastRefusal, MetricDropsView, MetricsResponse, NodeDrops};
 
 /// Most digests in one `POST /api/chunks/missing`.
 pub const MAX_MISSING_QUERY: usize = 10_000;
@@ -66,6 +85,9 @@ pub struct ReleaseView {
     /// `null` for a files-only release.
     #[serde(default)]
     pub run: Option<RunSpec>,
+    /// The plan defaults of its rollouts (`release.toml` `[rollout]`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<PlanOptions>,
 }
 
 impl From<&ReleaseInfo> for ReleaseView {
@@ -83,6 +105,7 @@ impl From<&ReleaseInfo> for ReleaseView {
             published_at: info.published_at,
             mirrors: info.mirrors.clone(),
             run: info.run.clone(),
+            rollout: info.rollout.clone(),
         }
     }
 }
@@ -95,6 +118,12 @@ pub struct PublishRequest {
     /// Base URLs serving `{URL}/chunks/{digest}`, in the order agents should try them.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// `release.toml` `[rollout]`: the plan defaults of this release's rollouts.
+    #[serde(default)]
+    pub rollout: Option<PlanOptions>,
+    /// `release.toml` `[canary]`: how this release's canaries are judged (`None`: defaults).
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,10 +138,18 @@ pub struct PublishResponse {
     pub mirrors_updated: bool,
 }
 
+/// `POST /api/rollouts`: roll a published release out to the nodes whose labels hold every
+/// `select` pair (all nodes when empty), by `plan` (each knob optional: the release's
+/// `[rollout]` defaults, then the built-in ones, fill the rest).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
     pub app: String,
     pub version: String,
+    #[serde(default)]
+    pub select: BTreeMap<String, String>,
+    #[serde(default)]
+    pub plan: PlanOptions,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,11 +159,17 @@ pub struct RolloutResponse {
     pub release: String,
     pub app: String,
     pub version: String,
+    /// Every selected node.
     pub nodes: Vec<NodeId>,
+    /// The nodes of each wave, in order.
+    #[serde(default)]
+    pub waves: Vec<Vec<NodeId>>,
     /// The HTTP chunk sources the commands list, in the order agents try them (the
     /// release's mirrors, then the coordinator); MQTT comes after them.
     #[serde(default)]
     pub http_sources: Vec<String>,
+    /// The rollout as it stands (its plan with every default filled in).
+    pub view: RolloutView,
 }
 
 /// `POST /api/nodes/rollback`: send these nodes back to their previous version. Names are
@@ -228,4 +271,42 @@ pub struct StatsView {
     pub http_chunk_bytes: u64,
     /// `GET /chunks/{digest}` answered 404 (no such chunk, or not a digest).
     pub http_not_found: u64,
+}
+
+/// `POST /api/tokens`: create a named operator token (admin only).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenCreateRequest {
+    pub name: String,
+}
+
+/// The answer to `POST /api/tokens`: the only time the secret is ever shown.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub secret: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+}
+
+/// A named token as `GET /api/tokens` lists it: never its secret or hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+    /// Set once revoked; the token's secret is refused from then on.
+    pub revoked_at: Option<UnixSeconds>,
+    pub revoked_by: Option<String>,
+}
+
+impl From<&TokenRecord> for TokenView {
+    fn from(record: &TokenRecord) -> Self {
+        TokenView {
+            name: record.name.clone(),
+            created_at: record.created_at,
+            created_by: record.created_by.clone(),
+            revoked_at: record.revoked_at,
+            revoked_by: record.revoked_by.clone(),
+        }
+    }
 }

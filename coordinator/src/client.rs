@@ -1,6 +1,7 @@
-//! The client commands (`release publish`, `release list`, `rollout start`, `node rollback`,
-//! `nodes`, `stats`): HTTP calls to a running `coordinator serve`, and their human or JSON
-//! output.
+//! The client commands (`release publish`, `release list`, `node rollback`, `nodes`, `stats`;
+//! `token …` and `log` in `client/access.rs`; `metrics …` in `client/metrics.rs`; `rollout …`
+//! and `canary report` in `client/rollout.rs`): HTTP calls to a running `coordinator serve`,
+//! and their human or JSON output.
 //!
 //! `release publish` reads and checks `SRC/release.toml` first, builds the image locally into
 //! a temporary chunk store (removed on exit), asks the coordinator which chunks it lacks and
@@ -26,12 +27,18 @@ use tokio::task::JoinSet;
 
 use crate::api::{
     ErrorBody, MissingRequest, MissingResponse, NodeRollbackRequest, NodeRollbackResponse,
-    NodeView, PublishRequest, PublishResponse, ReleaseView, RolloutRequest, RolloutResponse,
-    StatsView, StoredChunk,
+    NodeView, PublishRequest, PublishResponse, ReleaseView, StatsView, StoredChunk,
 };
 use crate::cli::ClientArgs;
 use crate::unix_now;
 use crate::{release, release_file};
+
+mod access;
+pub use access::{log, token_create, token_list, token_revoke};
+mod metrics;
+pub use metrics::{metric_drops, metrics};
+mod rollout;
+pub use rollout::{canary_report, rollout};
 
 /// Digests per `POST /api/chunks/missing`.
 const MISSING_BATCH: usize = 4096;
@@ -100,8 +107,9 @@ impl ApiClient {
             .map(|b| b.error)
             .unwrap_or_else(|_| text.chars().take(500).collect());
         if status == StatusCode::UNAUTHORIZED {
+            // The coordinator's message says whether the token is unknown or revoked.
             bail!(
-                "{what}: the coordinator at {} refused the API token (HTTP 401); use the token from DATA/admin.token of `coordinator serve` (--token or COORDINATOR_TOKEN)",
+                "{what}: the coordinator at {} refused the API token (HTTP 401): {message}",
                 self.base
             );
         }
@@ -264,7 +272,12 @@ pub async fn publish(client: &ApiClient, args: PublishArgs<'_>, json: bool) -> a
         .post_json(
             &format!("publishing release {release}"),
             "/api/releases",
-            &PublishRequest { manifest, mirrors },
+            &PublishRequest {
+                manifest,
+                mirrors,
+                canary: release_file.canary,
+                rollout: release_file.rollout,
+            },
         )
         .await?;
     let view = &response.release;
@@ -345,13 +358,13 @@ pub async fn release_list(client: &ApiClient, json: bool) -> anyhow::Result<()> 
 }
 
 /// A `GET` of a list printed as JSON as-is, or as a table.
-struct Listing {
-    what: &'static str,
-    path: &'static str,
-    empty: &'static str,
+struct Listing<'a> {
+    what: &'a str,
+    path: &'a str,
+    empty: &'a str,
 }
 
-impl Listing {
+impl Listing<'_> {
     async fn show<T: DeserializeOwned>(
         &self,
         client: &ApiClient,
@@ -468,47 +481,6 @@ fn stats_text(s: &StatsView) -> String {
         ],
     ];
     table(&rows)
-}
-
-/// `coordinator rollout start`.
-pub async fn rollout_start(
-    client: &ApiClient,
-    app: &str,
-    version: &str,
-    json: bool,
-) -> anyhow::Result<()> {
-    let request = RolloutRequest {
-        app: app.to_owned(),
-        version: version.to_owned(),
-    };
-    let response: RolloutResponse = client
-        .post_json(
-            &format!("starting a rollout of {app}@{version}"),
-            "/api/rollouts",
-            &request,
-        )
-        .await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&response).context("cannot format the result")?
-        );
-    } else {
-        let nodes: Vec<&str> = response.nodes.iter().map(|n| n.as_str()).collect();
-        println!(
-            "rollout {} started: {} to {} node{} ({})",
-            response.rollout,
-            response.release,
-            nodes.len(),
-            if nodes.len() == 1 { "" } else { "s" },
-            nodes.join(", ")
-        );
-        println!(
-            "chunk sources: {}, then MQTT",
-            response.http_sources.join(", ")
-        );
-    }
-    Ok(())
 }
 
 /// `coordinator node rollback NODE...`.
@@ -766,6 +738,7 @@ mod tests {
             published_at: 40,
             mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
             run: None,
+            rollout: None,
         };
         let table = releases_table(
             &[view("1", &[]), view("2", &["https://cdn/a", "http://m2"])],

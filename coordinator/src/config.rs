@@ -7,6 +7,7 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
@@ -126,12 +127,15 @@ pub struct ServeConfig {
     pub token: AdminToken,
     pub token_path: PathBuf,
     pub token_created: bool,
+    /// How long health samples are kept (at least [`MIN_METRICS_RETENTION`]).
+    pub metrics_retention: Duration,
 }
 
 impl ServeConfig {
     /// Validates every flag and opens the on-disk state. Binds nothing.
     pub fn load(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         let broker = BrokerSpec::parse(&args.broker)?;
+        let metrics_retention = check_metrics_retention(args.metrics_retention)?;
         let topics = Topics::new(&args.topic_prefix).context("invalid --topic-prefix")?;
         let public_url = match &args.public_url {
             Some(url) => parse_public_url(url)?,
@@ -182,8 +186,26 @@ impl ServeConfig {
             token,
             token_path,
             token_created,
+            metrics_retention,
         })
     }
+}
+
+/// Shortest `--metrics-retention`: a canary judgment looks back minutes, and samples are
+/// pruned once a minute.
+pub const MIN_METRICS_RETENTION: Duration = Duration::from_secs(600);
+
+/// Checks `--metrics-retention` (already parsed by `protocol::parse_duration`, which bounds
+/// it to ten years).
+pub fn check_metrics_retention(retention: Duration) -> anyhow::Result<Duration> {
+    if retention < MIN_METRICS_RETENTION {
+        anyhow::bail!(
+            "invalid --metrics-retention {}: keep samples for at least {} (canary judgments look back minutes), e.g. 7d",
+            protocol::human_duration(retention),
+            protocol::human_duration(MIN_METRICS_RETENTION)
+        );
+    }
+    Ok(retention)
 }
 
 /// Fails unless a file can be created in `dir`.
@@ -217,6 +239,20 @@ mod tests {
             }
         );
         assert!(BrokerSpec::parse("mqtt://u@h:1").is_err());
+    }
+
+    #[test]
+    fn metrics_retention_must_cover_a_canary_window() {
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(check_metrics_retention(week).expect("ok"), week);
+        assert!(check_metrics_retention(MIN_METRICS_RETENTION).is_ok());
+        let error = check_metrics_retention(Duration::from_secs(59))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("--metrics-retention 59s") && error.contains("10m 00s"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -5,9 +5,13 @@
 //! - `release_info`: `app@version` → [`ReleaseInfo`] (summary, so listing never parses manifests)
 //! - `nodes`:        node id → [`NodeRecord`] (inventory: last state, presence, last event)
 //! - `desired`:      node id → the sealed command envelope bytes the node should act on
-//! - `rollouts`:     rollout id (u64 big-endian) → [`RolloutRecord`]
+//! - `rollouts`, `rollout_nodes`: each rollout's head and per-node progress (layout in
+//!   `rollout/store.rs`; records from before staged rollouts still read)
 //! - `log`:          entry id (u64 big-endian) → [`LogEntry`] (the deploy log, append-only)
 //! - `meta`:         `seq`, `rollout`, `log` → u64 big-endian counters
+//! - `tokens`, `token_hashes`: operator API tokens, hashes only (layout in `tokens.rs`)
+//! - `metric_samples`, `metric_seqs`: health samples by time, each node's highest sample seq
+//!   (layout in `metrics/store.rs`)
 //!
 //! Invariants: a release is inserted once (`insert_release` is atomic over both release trees)
 //! and its envelope is never changed. The one thing that may change later is the summary's
@@ -25,6 +29,9 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional as _;
 
+use crate::canary::CanaryConfig;
+use crate::rollout::plan::PlanOptions;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DbError {
@@ -39,8 +46,8 @@ pub enum DbError {
     },
 }
 
-/// Summary of a published release.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Summary of a published release. (Not `Eq`: the canary configuration holds floats.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseInfo {
     pub release: ReleaseId,
     pub kind: ReleaseKind,
@@ -63,6 +70,13 @@ pub struct ReleaseInfo {
     /// only, and in records written before run sections existed (all files only).
     #[serde(default)]
     pub run: Option<RunSpec>,
+    /// The plan defaults of its rollouts (`release.toml` `[rollout]`); not signed.
+    #[serde(default)]
+    pub rollout: Option<PlanOptions>,
+    /// How its canaries are judged (`release.toml` `[canary]`, validated at publish); not
+    /// signed. `None`: the defaults, also for records written before canary judgment.
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
 }
 
 /// What the coordinator knows about one node.
@@ -73,15 +87,6 @@ pub struct NodeRecord {
     /// When the coordinator last heard from the node itself (not a retained replay).
     pub last_seen: Option<UnixSeconds>,
     pub last_event: Option<Event>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutRecord {
-    pub id: u64,
-    pub release: ReleaseId,
-    /// Each target node with the seq of the command it was sent.
-    pub nodes: Vec<(NodeId, u64)>,
-    pub started_at: UnixSeconds,
 }
 
 /// The result of inserting a release.
@@ -122,7 +127,6 @@ pub struct Db {
     release_info: sled::Tree,
     nodes: sled::Tree,
     desired: sled::Tree,
-    rollouts: sled::Tree,
     log: sled::Tree,
     meta: sled::Tree,
 }
@@ -170,11 +174,16 @@ impl Db {
             release_info: db.open_tree("release_info")?,
             nodes: db.open_tree("nodes")?,
             desired: db.open_tree("desired")?,
-            rollouts: db.open_tree("rollouts")?,
             log: db.open_tree("log")?,
             meta: db.open_tree("meta")?,
             db,
         })
+    }
+
+    /// A tree a module of its own keeps in this database (named in the list above), so that
+    /// its writes become durable with everything else at [`Db::flush`].
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, DbError> {
+        Ok(self.db.open_tree(name)?)
     }
 
     /// Makes every write so far durable. Call before acting on or acknowledging a write.
@@ -329,12 +338,6 @@ impl Db {
         self.desired.iter().keys().map(|k| node_key(&k?)).collect()
     }
 
-    pub fn put_rollout(&self, rollout: &RolloutRecord) -> Result<(), DbError> {
-        self.rollouts
-            .insert(rollout.id.to_be_bytes(), encode_json(rollout))?;
-        Ok(())
-    }
-
     /// Appends an entry to the deploy log (its `id` is assigned here) and returns it. Not
     /// durable until [`Db::flush`].
     pub fn append_log(&self, mut entry: LogEntry) -> Result<LogEntry, DbError> {
@@ -357,13 +360,6 @@ impl Db {
         Ok(entries)
     }
 
-    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, DbError> {
-        let key = id.to_be_bytes();
-        self.rollouts
-            .get(key)?
-            .map(|v| decode_json("rollout", &key, &v))
-            .transpose()
-    }
 }
 
 fn node_key(key: &[u8]) -> Result<NodeId, DbError> {
@@ -400,6 +396,8 @@ mod tests {
             published_at: 2,
             mirrors: Vec::new(),
             run: None,
+            rollout: None,
+            canary: None,
         }
     }
 
@@ -478,10 +476,12 @@ mod tests {
         let object = old.as_object_mut().expect("object");
         object.remove("mirrors");
         object.remove("run");
+        object.remove("canary");
         let info: ReleaseInfo =
             decode_json("release", b"web@1", old.to_string().as_bytes()).expect("reads");
         assert!(info.mirrors.is_empty());
         assert_eq!(info.run, None);
+        assert_eq!(info.canary, None);
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //!
 //! Code map:
 //! - [`cli`]: the command line (the operator contract); [`run`] dispatches it.
-//! - [`keys`], [`token`]: the release signing key and the operator API token on disk.
+//! - [`keys`], [`token`]: the release signing key and the admin API token on disk;
+//!   [`tokens`]: the named operator tokens (hashes only), each an identity in the deploy log.
 //! - [`config`]: `serve`'s flags validated and its on-disk state opened, before any bind.
 //! - [`serve`]: start-up and shutdown order of the daemon.
 //! - [`db`]: the sled trees and what each holds; [`release`]: pure release/command rules;
 //!   [`release_file`]: the operator's `release.toml` (how a release runs), read at publish.
 //! - [`server`]: the HTTP API and chunk server; [`api`]: its JSON bodies.
+//! - [`rollout`]: staged rollouts: plans, the pure engine, the driver task that runs them,
+//!   their storage, endpoints and the canary gate and report.
 //! - [`stats`]: chunk-delivery counters shared by the server and the main loop.
+//! - [`metrics`]: agents' health samples: the checks every batch passes, the store (by time,
+//!   with retention), counters of what was refused, the ingester task, `/api/metrics*`.
 //! - [`main_loop`]: the one event loop over MQTT, HTTP requests and chunk reads;
 //!   [`mqtt`]: the rumqttc link task; [`broker`]: the embedded rumqttd; [`fanout`]: chunk dedup.
 //! - [`client`]: the client commands against a running coordinator.
@@ -19,6 +24,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod canary;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -26,19 +32,24 @@ pub mod db;
 pub mod fanout;
 pub mod keys;
 pub mod main_loop;
+pub mod metrics;
 pub mod mqtt;
 pub mod release;
 pub mod release_file;
+pub mod rollout;
 pub mod serve;
 pub mod server;
 pub mod stats;
 pub mod token;
+pub mod tokens;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::UnixSeconds;
 
-use crate::cli::{Cli, Command, NodeCommand, ReleaseCommand, RolloutCommand};
+use crate::cli::{
+    CanaryCommand, Cli, Command, MetricsCommand, NodeCommand, ReleaseCommand, TokenCommand,
+};
 
 /// Runs one command line to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -87,11 +98,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client::ApiClient::new(&cli.client)?;
             client::release_list(&client, json).await
         }
-        Command::Rollout {
-            command: RolloutCommand::Start { app, version, json },
+        Command::Rollout { command } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::rollout(&client, command).await
+        }
+        Command::Canary {
+            command: CanaryCommand::Report { rollout, json },
         } => {
             let client = client::ApiClient::new(&cli.client)?;
-            client::rollout_start(&client, &app, &version, json).await
+            client::canary_report(&client, rollout, json).await
         }
         Command::Node {
             command: NodeCommand::Rollback { nodes, json },
@@ -106,6 +121,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats { json } => {
             let client = client::ApiClient::new(&cli.client)?;
             client::stats(&client, json).await
+        }
+        Command::Metrics(args) => {
+            let client = client::ApiClient::new(&cli.client)?;
+            match args.command {
+                Some(MetricsCommand::Drops { json }) => client::metric_drops(&client, json).await,
+                None => client::metrics(&client, &args.query).await,
+            }
+        }
+        Command::Token { command } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            match command {
+                TokenCommand::Create { name, json } => {
+                    client::token_create(&client, &name, json).await
+                }
+                TokenCommand::List { json } => client::token_list(&client, json).await,
+                TokenCommand::Revoke { name, json } => {
+                    client::token_revoke(&client, &name, json).await
+                }
+            }
+        }
+        Command::Log { since, json } => {
+            let client = client::ApiClient::new(&cli.client)?;
+            client::log(&client, since, json).await
         }
     }
 }

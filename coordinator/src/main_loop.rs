@@ -19,6 +19,9 @@
 //!   while fewer than `MAX_FRAMES` frames are read or waiting, also while rumqttc is full,
 //!   so frames are ready the moment it makes room.
 //!
+//! - Metric batches go to the ingester task (`metrics::ingest`) with `try_send`; the loop
+//!   publishes only the acks it hands back, which it made durable first.
+//!
 //! Every chunk request, fan-out decision and frame handed to rumqttc is counted in [`Stats`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -37,8 +40,11 @@ use tokio::time::Instant;
 
 use crate::db::{Db, NodeRecord};
 use crate::fanout::{Admission, FanoutDedup};
+use crate::metrics::ingest::Acks;
+use crate::metrics::{IngestLink, PendingAcks};
 use crate::mqtt::{Link, LinkEvent};
 use crate::release;
+use crate::rollout::NodeObserver;
 use crate::stats::{DigestOutcome, Stats};
 use crate::unix_now;
 
@@ -87,6 +93,8 @@ enum Event {
     Link(Option<LinkEvent>),
     Api(ApiRequest),
     ChunkRead(Result<(task::Id, ChunkRead), JoinError>),
+    /// Metric acks the ingester made durable.
+    MetricAcks(Acks),
     Room,
     Shutdown,
 }
@@ -114,6 +122,12 @@ pub struct MainLoop {
     dedup: FanoutDedup,
     manifests: HashMap<ReleaseId, Arc<HashMap<Digest, ChunkRef>>>,
     stats: Arc<Stats>,
+    /// Where metric batches go, and durable acks come from.
+    ingest: IngestLink,
+    /// Durable metric acks waiting for room in rumqttc, the newest per node.
+    metric_acks: PendingAcks,
+    /// Told of every inventory change (the rollout driver's mailbox; never blocks).
+    observer: Option<NodeObserver>,
 }
 
 impl MainLoop {
@@ -123,6 +137,7 @@ impl MainLoop {
         topics: Topics,
         client: rumqttc::AsyncClient,
         stats: Arc<Stats>,
+        ingest: IngestLink,
     ) -> MainLoop {
         MainLoop {
             db,
@@ -141,7 +156,16 @@ impl MainLoop {
             dedup: FanoutDedup::new(ChunkRequest::FANOUT_WINDOW),
             manifests: HashMap::new(),
             stats,
+            ingest,
+            metric_acks: PendingAcks::default(),
+            observer: None,
         }
+    }
+
+    /// Hands every inventory change (state, presence, event) to `observer` as well.
+    pub fn observe_nodes(mut self, observer: NodeObserver) -> MainLoop {
+        self.observer = Some(observer);
+        self
     }
 
     /// Runs until `shutdown` completes or the MQTT link task dies (an error).
@@ -160,6 +184,8 @@ impl MainLoop {
                 Some(request) = api.recv() => Event::Api(request),
                 // A chunk file read finished; its frame can be queued.
                 Some(read) = self.reads.join_next_with_id(), if !self.reads.is_empty() => Event::ChunkRead(read),
+                // Metric batches were flushed; their acks can go out.
+                acks = self.ingest.durable_acks() => Event::MetricAcks(acks),
                 // rumqttc sent something, so there is room for what did not fit before.
                 () = link.room.notified(), if self.stalled => Event::Room,
                 // Ctrl-C or SIGTERM.
@@ -178,6 +204,7 @@ impl MainLoop {
                     }
                 }
                 Event::ChunkRead(read) => self.on_chunk_read(read),
+                Event::MetricAcks(acks) => self.metric_acks.add(acks),
                 Event::Room => {}
                 Event::Shutdown => return Ok(()),
             }
@@ -217,7 +244,8 @@ impl MainLoop {
         self.start_reads();
     }
 
-    /// Hands queued work to rumqttc in priority order: subscriptions, commands, chunk frames.
+    /// Hands queued work to rumqttc in priority order: subscriptions, commands, metric acks,
+    /// chunk frames.
     /// Stops at the first request that does not fit and sets `stalled`.
     fn send(&mut self) {
         if self.need_subscribe {
@@ -226,6 +254,7 @@ impl MainLoop {
                 NodeTopic::Presence,
                 NodeTopic::Events,
                 NodeTopic::ChunkRequests,
+                NodeTopic::Metrics,
             ]
             .map(|which| SubscribeFilter::new(self.topics.all_nodes(which), QoS::AtLeastOnce));
             if self.client.try_subscribe_many(filters).is_err() {
@@ -261,6 +290,18 @@ impl MainLoop {
             tracing::debug!(node = %node, "command handed to MQTT");
             self.commands.pop_front();
             self.queued_commands.remove(&node);
+        }
+        while let Some((node, up_to, payload)) = self.metric_acks.pop() {
+            let topic = self.topics.node(&node, NodeTopic::MetricsAck);
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                self.metric_acks.put_back(node, up_to);
+                self.stalled = true;
+                return;
+            }
         }
         let now = Instant::now();
         while let Some(PendingFrame {
@@ -344,7 +385,8 @@ impl MainLoop {
             NodeTopic::Presence => self.on_presence(node, payload, live),
             NodeTopic::Events => self.on_event(node, payload, live),
             NodeTopic::ChunkRequests => self.on_chunk_request(node, payload),
-            NodeTopic::Command | NodeTopic::Metrics | NodeTopic::MetricsAck => {}
+            NodeTopic::Metrics => self.ingest.offer(node, payload),
+            NodeTopic::Command | NodeTopic::MetricsAck => {}
         }
     }
 
@@ -361,6 +403,9 @@ impl MainLoop {
         change(&mut record);
         if let Err(error) = self.db.put_node(node, &record) {
             tracing::error!(node = %node, %error, "cannot store the node's inventory record");
+        }
+        if let Some(observer) = &self.observer {
+            observer.observe(node, &record);
         }
     }
 

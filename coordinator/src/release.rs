@@ -1,7 +1,7 @@
 //! Pure release and command logic: summarising a manifest, telling whether a re-publish is the
 //! same release, checking a release's mirror list and that its run command ships in it,
-//! reading back a stored envelope, and building a node's commands: deploy (with the HTTP
-//! sources it lists, in order) and rollback.
+//! reading back a stored envelope, and building and sealing a node's commands: stage and
+//! deploy (with the HTTP sources they list, in order) and rollback.
 //!
 //! No I/O and no clock: `now` is a parameter, so every rule here is tested without a database.
 
@@ -9,6 +9,8 @@ use std::collections::HashMap;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use ed25519_dalek::SigningKey;
+use protocol::format;
 use protocol::messages::{Action, Command};
 use protocol::{
     ChunkRef, Digest, Entry, Envelope, Manifest, NodeId, ReleaseId, UnixSeconds, PROTOCOL_VERSION,
@@ -86,6 +88,8 @@ pub fn summarize(
         published_at: now,
         mirrors,
         run: manifest.run.clone(),
+        rollout: None,
+        canary: None,
     }
 }
 
@@ -113,14 +117,45 @@ pub struct StoredManifestError(String);
 /// Reads back a manifest envelope this coordinator sealed and stored. The signature is not
 /// checked: the bytes never left our own database (agents check it).
 pub fn stored_manifest(envelope: &[u8]) -> Result<(Envelope, Manifest), StoredManifestError> {
+    stored_payload(envelope)
+}
+
+/// Reads back a command envelope this coordinator sealed and stored (a node's desired
+/// command), unchecked like [`stored_manifest`].
+pub fn stored_command(envelope: &[u8]) -> Result<Command, StoredManifestError> {
+    stored_payload(envelope).map(|(_, command)| command)
+}
+
+fn stored_payload<T: serde::de::DeserializeOwned>(
+    envelope: &[u8],
+) -> Result<(Envelope, T), StoredManifestError> {
     let envelope: Envelope =
         serde_json::from_slice(envelope).map_err(|e| StoredManifestError(e.to_string()))?;
     let payload = BASE64
         .decode(&envelope.payload)
         .map_err(|e| StoredManifestError(e.to_string()))?;
-    let manifest =
-        serde_json::from_slice(&payload).map_err(|e| StoredManifestError(e.to_string()))?;
-    Ok((envelope, manifest))
+    let value = serde_json::from_slice(&payload).map_err(|e| StoredManifestError(e.to_string()))?;
+    Ok((envelope, value))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the command for node {node} is {bytes} bytes sealed, too large for MQTT")]
+pub struct CommandTooLarge {
+    pub node: NodeId,
+    pub bytes: usize,
+}
+
+/// Signs a command into the envelope bytes stored as the node's desired command and
+/// published; refuses one that would not fit an MQTT packet.
+pub fn seal_command(command: &Command, key: &SigningKey) -> Result<Vec<u8>, CommandTooLarge> {
+    let sealed = Envelope::seal(command, key).to_bytes();
+    if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
+        return Err(CommandTooLarge {
+            node: command.node.clone(),
+            bytes: sealed.len(),
+        });
+    }
+    Ok(sealed)
 }
 
 /// A command for one node, valid from `now` for [`COMMAND_LIFETIME_SECS`].
@@ -135,7 +170,8 @@ pub fn command(node: NodeId, seq: u64, now: UnixSeconds, action: Action) -> Comm
     }
 }
 
-/// The deploy command for one node, valid from `now` for [`COMMAND_LIFETIME_SECS`].
+/// The deploy command for one node, valid from `now` for [`COMMAND_LIFETIME_SECS`]. (A
+/// rollout sends `Stage` and then `Deploy` of the same manifest, built with [`command`].)
 pub fn deploy_command(
     node: NodeId,
     seq: u64,
@@ -302,6 +338,8 @@ mod tests {
         let opened: Command = Envelope::seal(&command, &key).open(&trust).expect("opens");
         assert_eq!((opened.node, opened.seq), (node, 3));
         assert!(stored_manifest(b"{}").is_err());
+        let sealed = seal_command(&command, &key).expect("fits");
+        assert_eq!(stored_command(&sealed).expect("reads back"), command);
     }
 
     #[test]

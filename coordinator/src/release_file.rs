@@ -1,6 +1,8 @@
 //! The operator's `release.toml`: what a release says about itself beyond its files, read
-//! from the source directory at publish time. Today that is the `[run]` table (how the
-//! release runs on a node, [`RunSpec`]); the file may gain other sections later.
+//! from the source directory at publish time: the `[run]` table (how the release runs on a
+//! node, [`RunSpec`], signed into the manifest) and the `[rollout]` table (the plan defaults
+//! of its rollouts, [`PlanOptions`], kept by the coordinator with the release), and the
+//! `[canary]` table (how its canaries are judged, [`CanaryConfig`], kept likewise).
 //!
 //! ```toml
 //! [run]
@@ -24,16 +26,27 @@ use protocol::run::RunSpecError;
 use protocol::RunSpec;
 use serde::Deserialize;
 
+use crate::canary::{CanaryConfig, CanaryConfigError};
+use crate::rollout::plan::{PlanError, PlanOptions};
+
 /// The file's name inside the release's source directory.
 pub const FILE_NAME: &str = "release.toml";
 
 /// The whole file. Every section is optional: an empty file is a files-only release.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseFile {
     /// How the release runs; `None` for files only (the switch flips the pointer).
     #[serde(default)]
     pub run: Option<RunSpec>,
+    /// Defaults for `rollout start` of this release (waves, bake, thresholds, windows…);
+    /// flags given to `rollout start` win over them.
+    #[serde(default)]
+    pub rollout: Option<PlanOptions>,
+    /// How canaries of this release are judged; `None` for the defaults. Keys left out take
+    /// the defaults (merged per metric, see `canary::CanaryConfig`).
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +70,15 @@ pub enum ReleaseFileError {
     /// Parsed, but the run section breaks a rule (the message names the `run.*` field).
     #[error("{}: {error}", path.display())]
     Invalid { path: PathBuf, error: RunSpecError },
+    /// Parsed, but the rollout section's waves or limits do not add up.
+    #[error("{}: rollout: {error}", path.display())]
+    InvalidRollout { path: PathBuf, error: PlanError },
+    /// Parsed, but a canary setting is out of range (the message names the `canary.*` key).
+    #[error("{}: {error}", path.display())]
+    InvalidCanary {
+        path: PathBuf,
+        error: CanaryConfigError,
+    },
 }
 
 fn key_prefix(key: &str) -> String {
@@ -103,6 +125,22 @@ pub fn parse(path: &Path, text: &str) -> Result<ReleaseFile, ReleaseFileError> {
             path: path.to_owned(),
             error,
         })?;
+    }
+    if let Some(rollout) = &file.rollout {
+        rollout
+            .check()
+            .map_err(|error| ReleaseFileError::InvalidRollout {
+                path: path.to_owned(),
+                error,
+            })?;
+    }
+    if let Some(canary) = &file.canary {
+        canary
+            .validate()
+            .map_err(|error| ReleaseFileError::InvalidCanary {
+                path: path.to_owned(),
+                error,
+            })?;
     }
     Ok(file)
 }
@@ -189,7 +227,7 @@ listen = "0.0.0.0:8080"
         );
         let error = parse_str("[deploy]\nwaves = 3\n").expect_err("refused");
         assert!(
-            error.contains("deploy: unknown field `deploy`, expected `run`"),
+            error.contains("deploy: unknown field `deploy`, expected one of `run`, `rollout`, `canary`"),
             "{error}"
         );
     }
@@ -226,6 +264,56 @@ listen = "0.0.0.0:8080"
         assert!(
             error.starts_with("SRC/release.toml: run.command"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn a_rollout_section_gives_plan_defaults_and_a_bad_one_names_the_key() {
+        let file = parse_str(
+            "[rollout]\nwaves = [1, \"10%\", \"100%\"]\nbake = \"2m\"\nmax_failure_pct = 5\n",
+        )
+        .expect("valid");
+        let rollout = file.rollout.expect("a rollout section");
+        assert_eq!(rollout.waves.map(|w| w.len()), Some(3));
+        assert_eq!(rollout.bake.map(|b| b.0), Some(120));
+        let error = parse_str("[rollout]\nwaves = [\"1\", \"5%\"]\n").expect_err("refused");
+        assert!(
+            error.starts_with("SRC/release.toml: rollout: the last wave is 5%, not 100%"),
+            "{error}"
+        );
+        let error = parse_str("[rollout]\nwaves = [\"1\", \"x%\", \"100%\"]\n").expect_err("refused");
+        assert!(error.contains("rollout.waves[1]: invalid wave"), "{error}");
+        let error = parse_str("[rollout]\nbak = \"2m\"\n").expect_err("refused");
+        assert!(error.contains("rollout.bak: unknown field `bak`"), "{error}");
+    }
+
+    #[test]
+    fn a_canary_section_is_merged_over_the_defaults_and_a_bad_one_names_the_key() {
+        let file = parse_str(
+            "[canary]\nwindow_secs = 300\n[canary.metrics.app_error_rate]\nallowed_increase = 1.5\n",
+        )
+        .expect("valid");
+        let canary = file.canary.expect("a canary section");
+        let defaults = CanaryConfig::default();
+        assert_eq!(canary.window_secs, 300);
+        assert_eq!(canary.warmup_secs, defaults.warmup_secs);
+        let errors = &canary.metrics["app_error_rate"];
+        assert_eq!(errors.allowed_increase, 1.5);
+        assert!(errors.critical, "the default entry's other fields stay");
+        assert_eq!(canary.metrics.len(), defaults.metrics.len());
+        assert_eq!(parse_str("").expect("valid").canary, None);
+
+        let error = parse_str("[canary.metrics.app_error_rate]\nallowed_increse = 1.5\n")
+            .expect_err("refused");
+        assert!(
+            error.starts_with("SRC/release.toml: canary.metrics.app_error_rate.allowed_increse: unknown field `allowed_increse`"),
+            "{error}"
+        );
+        assert!(error.ends_with("(line 2, column 1)"), "{error}");
+        let error = parse_str("[canary]\nconfidence = 1.5\n").expect_err("refused");
+        assert_eq!(
+            error,
+            "SRC/release.toml: canary.confidence is 1.5; expected at least 0.5 and below 1 (0.98 is usual)"
         );
     }
 

@@ -2,9 +2,11 @@
 //! loop, and shuts them down in order.
 //!
 //! Start-up order: config validated and on-disk state opened (`config.rs`) → HTTP port bound →
-//! embedded broker started and accepting → MQTT link started → HTTP served → main loop.
-//! Shutdown (SIGTERM / Ctrl-C): main loop stops → HTTP drains (bounded) → MQTT DISCONNECT →
-//! sled flushed. The embedded broker's threads end with the process.
+//! embedded broker started and accepting → MQTT link started → rollout driver loaded (its
+//! rollouts read and reconciled) → HTTP served → main loop and rollout driver.
+//! Shutdown (SIGTERM / Ctrl-C): main loop stops → rollout driver stops (between save points)
+//! → metric ingester stops (it flushes) → HTTP drains (bounded) → MQTT DISCONNECT → sled
+//! flushed. The embedded broker's threads end with the process.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,9 +19,13 @@ use tokio::sync::{mpsc, watch, Mutex};
 use crate::broker;
 use crate::config::{BrokerSpec, ServeConfig};
 use crate::main_loop::MainLoop;
+use crate::metrics::{ingest_channel, MetricStore};
 use crate::mqtt::Link;
+use crate::rollout::store::RolloutStore;
+use crate::rollout::{Driver, Rollouts};
 use crate::server::{self, AppState};
 use crate::stats::Stats;
+use crate::tokens::TokenStore;
 use crate::unix_now;
 
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -27,6 +33,13 @@ const HTTP_DRAIN: Duration = Duration::from_secs(5);
 pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     tracing::info!(path = %config.token_path.display(), created = config.token_created, "admin token for client commands (--token / COORDINATOR_TOKEN)");
     tracing::info!(key_id = %KeyId::of(&config.signing_key.verifying_key()), data = %config.data.display(), "signing releases and commands");
+
+    // Before anything binds: a database that cannot open a tree fails the start cleanly.
+    let tokens = TokenStore::open(&config.db).context("cannot open the API token store")?;
+    let metrics =
+        MetricStore::open(&config.db, unix_now()).context("cannot open the metric store")?;
+    let (rollouts, rollout_inbox) =
+        Rollouts::new(RolloutStore::open(&config.db).context("cannot open the rollout store")?);
 
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -57,11 +70,20 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         chunks: config.chunks.clone(),
         signing_key: config.signing_key,
         token: config.token,
+        tokens,
         public_url: config.public_url.clone(),
         to_loop,
         command_lock: Mutex::new(()),
         stats: stats.clone(),
+        metrics: metrics.clone(),
+        rollouts: rollouts.clone(),
     });
+    let driver = Driver::new(state.clone(), rollout_inbox)
+        .context("cannot load the rollouts in progress")?;
+    let (stop_driver, mut driver_stopped) = watch::channel(false);
+    let driver = tokio::spawn(driver.run(async move {
+        let _ = driver_stopped.wait_for(|stop| *stop).await;
+    }));
     let (stop_http, mut http_stopped) = watch::channel(false);
     let app = server::router(state);
     let mut http = tokio::spawn(async move {
@@ -73,15 +95,27 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
     });
     tracing::info!(http = %config.http, public_url = %config.public_url, "HTTP API and chunk server listening");
 
+    // Ends when the main loop drops its end of the link.
+    let (ingest, ingester) = ingest_channel(metrics, config.db.clone(), config.metrics_retention);
+    let ingester = tokio::spawn(ingester.run());
     let main_loop = MainLoop::new(
         config.db.clone(),
         config.chunks,
         config.topics,
         link.client.clone(),
         stats,
-    );
+        ingest,
+    )
+    .observe_nodes(rollouts.observer());
     let result = main_loop.run(&mut link, from_http, shutdown).await;
     tracing::info!("shutting down");
+    let _ = stop_driver.send(true);
+    if let Err(error) = driver.await {
+        tracing::error!(%error, "the rollout driver task failed");
+    }
+    if let Err(error) = ingester.await {
+        tracing::error!(%error, "the metric ingester task failed");
+    }
 
     let _ = stop_http.send(true);
     match tokio::time::timeout(HTTP_DRAIN, &mut http).await {

@@ -8,11 +8,18 @@
 //! Save points, in order (the order is what makes a crash at any instant safe):
 //! - publish: chunks are in the store (each fsynced by `put_verified`) → the sealed release is
 //!   inserted into sled → flush → respond. A release is never visible before its chunks.
-//! - rollout: seqs reserved, every node's desired command and the rollout record written →
-//!   flush → the main loop is asked to publish → respond. Node rollback: every named node
-//!   checked first (one refusal refuses the request, nothing is written) → seqs reserved,
-//!   desired commands written → flush → publish → respond. Nothing leaves the process with a
-//!   seq that is not durable, so no seq is ever reused after a crash.
+//! - rollout: the rollout driver's save point (`rollout/driver.rs`): seqs reserved, desired
+//!   commands, rollout records and log entries written → flush → publish → respond.
+//! - node rollback: every named node checked first (one refusal refuses the request, nothing
+//!   is written) → seqs reserved, desired commands written → flush → publish → respond.
+//!   Nothing leaves the process with a seq that is not durable, so no seq is ever reused
+//!   after a crash.
+//! - deploy log: every operator request appends its entry (who, what, target, nodes, outcome)
+//!   with its own writes, before the flush above, so the action and its entry are durable
+//!   together; a refused request appends its entry and flushes before the refusal is sent
+//!   (`access::Audit`). Token create/revoke: token tree and entry written → flush → respond.
+
+mod access;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,28 +30,31 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::routing::{delete, get, post, put};
+use axum::{Extension, Json, Router};
 use ed25519_dalek::SigningKey;
 use images::{ChunkStore, StoreError};
 use protocol::format::{self, FORMAT_VERSION};
 use protocol::messages::Command;
 use protocol::{
-    AppName, ChunkRef, Digest, Envelope, Manifest, NodeId, ReleaseId, Signed as _, Version,
+    ChunkRef, Digest, Envelope, Manifest, NodeId, ReleaseId, Signed as _,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 
+use self::access::Audit;
 use crate::api::{
     ErrorBody, MissingRequest, MissingResponse, NodeRollbackRequest, NodeRollbackResponse,
-    NodeView, PublishRequest, PublishResponse, ReleaseView, RollbackSent, RolloutRequest,
-    RolloutResponse, StatsView, StoredChunk, MAX_MISSING_QUERY,
+    NodeView, PublishRequest, PublishResponse, ReleaseView, RollbackSent, StatsView, StoredChunk,
+    MAX_MISSING_QUERY,
 };
-use crate::db::{Db, DbError, Inserted, ReleaseInfo, RolloutRecord};
+use crate::db::{Db, DbError, Inserted, ReleaseInfo};
 use crate::main_loop::ApiRequest;
+use crate::metrics::{self, MetricStore};
 use crate::release::{self, RollbackRefused};
 use crate::stats::Stats;
 use crate::token::{AdminToken, Identity};
+use crate::tokens::TokenStore;
 use crate::unix_now;
 
 /// Shared by every handler.
@@ -53,6 +63,8 @@ pub struct AppState {
     pub chunks: ChunkStore,
     pub signing_key: SigningKey,
     pub token: AdminToken,
+    /// The named operator tokens (the admin's is `token`).
+    pub tokens: TokenStore,
     /// Base URL agents fetch chunks from.
     pub public_url: String,
     pub to_loop: mpsc::Sender<ApiRequest>,
@@ -61,6 +73,10 @@ pub struct AppState {
     pub command_lock: Mutex<()>,
     /// Chunk-delivery counters, shared with the main loop.
     pub stats: Arc<Stats>,
+    /// Health samples and the counters of refused metric input (`/api/metrics*`).
+    pub metrics: MetricStore,
+    /// The rollout driver's handle: starts and controls go through it; status reads its store.
+    pub rollouts: crate::rollout::Rollouts,
 }
 
 type Shared = Arc<AppState>;
@@ -73,24 +89,32 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    fn internal(message: impl Into<String>) -> ApiError {
+    pub(crate) fn internal(message: impl Into<String>) -> ApiError {
         let message = message.into();
         tracing::error!(error = %message, "request failed");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
-    fn body(rejection: BytesRejection) -> ApiError {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn body(rejection: BytesRejection) -> ApiError {
         let status = rejection.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "request body is over this endpoint's size limit".to_owned()
@@ -138,10 +162,18 @@ pub fn router(state: Shared) -> Router {
                     format::MAX_MANIFEST_BYTES + 64 * 1024,
                 )),
         )
-        .route("/api/rollouts", post(start_rollout))
+        .merge(crate::rollout::http::routes())
         .route("/api/nodes", get(list_nodes))
         .route("/api/nodes/rollback", post(rollback_nodes))
         .route("/api/stats", get(stats))
+        .route(
+            "/api/tokens",
+            post(access::create_token).get(access::list_tokens),
+        )
+        .route("/api/tokens/{name}", delete(access::revoke_token))
+        .route("/api/log", get(access::read_log))
+        .route("/api/metrics", get(metrics::http::get_metrics))
+        .route("/api/metrics/drops", get(metrics::http::get_drops))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
@@ -155,19 +187,22 @@ async fn require_token(State(state): State<Shared>, mut request: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if state.token.authorizes(header) {
-        request.extensions_mut().insert(Identity::admin());
-        return next.run(request).await;
+    match access::identify(&state, header) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(error) => {
+            let unauthorized = error.status == StatusCode::UNAUTHORIZED;
+            let mut response = error.into_response();
+            if unauthorized {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
     }
-    let mut response = ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong API token: send `Authorization: Bearer <token>`; the admin token is in DATA/admin.token of `coordinator serve`",
-    )
-    .into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
 }
 
 fn parse_digest(text: &str) -> Result<Digest, ApiError> {
@@ -336,15 +371,33 @@ async fn get_chunk(
 /// mirror list.
 async fn publish_release(
     State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    let mut audit = Audit::new(who, "release publish");
+    let result = publish(&state, &mut audit, body).await;
+    audit.finish(&state.db, result).await
+}
+
+/// The work of [`publish_release`]; its success is logged in `audit` within its save point.
+async fn publish(
+    state: &AppState,
+    audit: &mut Audit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     let body = body.map_err(ApiError::body)?;
-    let PublishRequest { manifest, mirrors } = serde_json::from_slice(&body).map_err(|e| {
+    let PublishRequest {
+        manifest,
+        mirrors,
+        rollout,
+        canary,
+    } = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
-            "expected {{\"manifest\": <release manifest>, \"mirrors\": [url, ...]}}: {e}"
+            "expected {{\"manifest\": <release manifest>, \"mirrors\": [url, ...], \"rollout\": {{plan defaults}}, \"canary\": {{judge settings}}}}: {e}"
         ))
     })?;
     let id = manifest.release_id();
+    audit.target(&id);
     let mirrors = release::mirror_list(&mirrors)
         .map_err(|e| ApiError::bad_request(format!("invalid mirror for release {id}: {e}")))?;
     if manifest.format != FORMAT_VERSION {
@@ -380,7 +433,7 @@ async fn publish_release(
     }
 
     if let Some(existing) = state.db.release_envelope(&id)? {
-        return already_published(&state, &id, &manifest, &existing, &mirrors).await;
+        return already_published(state, audit, &id, &manifest, &existing, &mirrors).await;
     }
 
     let sealed = Envelope::seal(&manifest, &state.signing_key);
@@ -397,14 +450,27 @@ async fn publish_release(
             ),
         ));
     }
-    let info = release::summarize(&manifest, &sealed, mirrors.clone(), unix_now());
+    if let Some(defaults) = &rollout {
+        defaults.check().map_err(|e| {
+            ApiError::bad_request(format!("release {id}: its [rollout] defaults are not valid: {e}"))
+        })?;
+    }
+    if let Some(canary) = &canary {
+        canary.validate().map_err(|e| {
+            ApiError::bad_request(format!("release {id}: its [canary] section is not valid: {e}"))
+        })?;
+    }
+    let mut info = release::summarize(&manifest, &sealed, mirrors.clone(), unix_now());
+    info.rollout = rollout;
+    info.canary = canary;
     match state.db.insert_release(&info, &envelope)? {
         Inserted::New => {}
         // Someone published the same id between our check and the insert.
         Inserted::Existing(existing) => {
-            return already_published(&state, &id, &manifest, &existing, &mirrors).await
+            return already_published(state, audit, &id, &manifest, &existing, &mirrors).await
         }
     }
+    audit.succeeded(&state.db, "new release")?;
     state.db.flush().await?;
     tracing::info!(release = %id, files = info.files, bytes = info.bytes, chunks = info.chunks, mirrors = ?info.mirrors, "release published");
     Ok((
@@ -422,6 +488,7 @@ async fn publish_release(
 /// immutable).
 async fn already_published(
     state: &AppState,
+    audit: &mut Audit,
     id: &ReleaseId,
     manifest: &Manifest,
     existing: &[u8],
@@ -442,9 +509,18 @@ async fn already_published(
         .set_release_mirrors(id, mirrors)?
         .ok_or_else(missing_summary)?;
     let mirrors_updated = info.mirrors != before.mirrors;
+    // Save point: the new list, if any, and the log entry are durable before the operator is
+    // told.
+    audit.succeeded(
+        &state.db,
+        if mirrors_updated {
+            "mirror list replaced"
+        } else {
+            "already published with the same content, unchanged"
+        },
+    )?;
+    state.db.flush().await?;
     if mirrors_updated {
-        // Save point: the new list is durable before the operator is told it changed.
-        state.db.flush().await?;
         tracing::info!(release = %id, from = ?before.mirrors, to = ?info.mirrors, "release mirror list replaced; new rollouts use it");
     }
     Ok((
@@ -464,97 +540,11 @@ async fn list_releases(State(state): State<Shared>) -> Result<Json<Vec<ReleaseVi
     ))
 }
 
-/// `POST /api/rollouts`: send a release to every node in the inventory.
-async fn start_rollout(
-    State(state): State<Shared>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<RolloutResponse>), ApiError> {
-    let body = body.map_err(ApiError::body)?;
-    let request: RolloutRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("expected {{\"app\": ..., \"version\": ...}}: {e}"))
-    })?;
-    let app = AppName::new(request.app).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let version =
-        Version::new(request.version).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = ReleaseId::new(app, version);
-
-    let _serialized = state.command_lock.lock().await;
-    let stored = state.db.release_envelope(&id)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "release {id} does not exist; publish it first with `coordinator release publish`"
-            ),
-        )
-    })?;
-    let (manifest_envelope, _) = release::stored_manifest(&stored)
-        .map_err(|e| ApiError::internal(format!("release {id}: {e}")))?;
-    let info = state
-        .db
-        .release_info(&id)?
-        .ok_or_else(|| ApiError::internal(format!("release {id} has no stored summary")))?;
-    let http_sources = release::http_sources(&info.mirrors, &state.public_url);
-    let nodes: Vec<_> = state
-        .db
-        .nodes()?
-        .into_iter()
-        .filter(|(_, record)| record.state.is_some())
-        .map(|(node, _)| node)
-        .collect();
-    if nodes.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no nodes have reported yet: start agents against this coordinator's MQTT broker, check `coordinator nodes`, then retry",
-        ));
-    }
-
-    let seqs = state.db.reserve_seqs(nodes.len() as u64)?;
-    let rollout = state.db.next_rollout_id()?;
-    let now = unix_now();
-    let mut targets = Vec::with_capacity(nodes.len());
-    for (node, seq) in nodes.iter().zip(seqs) {
-        let command = release::deploy_command(
-            node.clone(),
-            seq,
-            now,
-            manifest_envelope.clone(),
-            http_sources.clone(),
-        );
-        store_command(&state, &command)?;
-        targets.push((node.clone(), seq));
-    }
-    state.db.put_rollout(&RolloutRecord {
-        id: rollout,
-        release: id.clone(),
-        nodes: targets,
-        started_at: now,
-    })?;
-    flush_and_publish(&state, nodes.clone(), "the rollout").await?;
-    tracing::info!(rollout, release = %id, nodes = nodes.len(), "rollout started");
-    Ok((
-        StatusCode::CREATED,
-        Json(RolloutResponse {
-            rollout,
-            release: id.to_string(),
-            app: id.app.to_string(),
-            version: id.version.to_string(),
-            nodes,
-            http_sources,
-        }),
-    ))
-}
-
 /// Seals a node's command and stores it as the node's desired command, replacing the one
 /// before. Not durable and not sent until [`flush_and_publish`].
 fn store_command(state: &AppState, command: &Command) -> Result<(), ApiError> {
-    let sealed = Envelope::seal(command, &state.signing_key).to_bytes();
-    if sealed.len() > format::MAX_MQTT_PACKET - 4096 {
-        return Err(ApiError::internal(format!(
-            "the command for node {} is {} bytes, too large for MQTT",
-            command.node,
-            sealed.len()
-        )));
-    }
+    let sealed = release::seal_command(command, &state.signing_key)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     state.db.set_desired(&command.node, &sealed)?;
     Ok(())
 }
@@ -584,6 +574,19 @@ async fn flush_and_publish(
 /// nothing: every node is checked against its last report before any command is written.
 async fn rollback_nodes(
     State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<NodeRollbackResponse>, ApiError> {
+    let mut audit = Audit::new(who, "node rollback");
+    audit.target("previous version");
+    let result = rollback(&state, &mut audit, body).await;
+    audit.finish(&state.db, result).await
+}
+
+/// The work of [`rollback_nodes`]; its success is logged in `audit` within its save point.
+async fn rollback(
+    state: &AppState,
+    audit: &mut Audit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<NodeRollbackResponse>, ApiError> {
     let body = body.map_err(ApiError::body)?;
@@ -597,6 +600,7 @@ async fn rollback_nodes(
             nodes.push(node);
         }
     }
+    audit.nodes(&nodes);
     if nodes.is_empty() {
         return Err(ApiError::bad_request("name at least one node to roll back"));
     }
@@ -631,7 +635,7 @@ async fn rollback_nodes(
     let now = unix_now();
     let mut sent = Vec::with_capacity(nodes.len());
     for ((node, (from, to)), seq) in nodes.iter().zip(targets).zip(seqs) {
-        store_command(&state, &release::rollback_command(node.clone(), seq, now))?;
+        store_command(state, &release::rollback_command(node.clone(), seq, now))?;
         sent.push(RollbackSent {
             node: node.clone(),
             seq,
@@ -639,7 +643,10 @@ async fn rollback_nodes(
             to,
         });
     }
-    flush_and_publish(&state, nodes, "the rollback").await?;
+    let versions: BTreeSet<String> = sent.iter().map(|s| s.to.to_string()).collect();
+    audit.target(versions.into_iter().collect::<Vec<_>>().join(", "));
+    audit.succeeded(&state.db, "rollback sent")?;
+    flush_and_publish(state, nodes, "the rollback").await?;
     for s in &sent {
         match &s.from {
             Some(from) => {

@@ -1,4 +1,6 @@
-//! The operator API token: created once per data directory, checked on every `/api/*` call.
+//! The bootstrap operator API token and caller identities: `DATA/admin.token` (identity
+//! `admin`) is created once per data directory; the named tokens the admin creates live in
+//! `tokens.rs`. Every `/api/*` call presents one of them.
 //!
 //! Invariants: `DATA/admin.token` is created with `create_new` and mode 0600 and never
 //! rewritten; comparison with a presented token takes time independent of where they differ.
@@ -67,9 +69,7 @@ impl AdminToken {
     /// it was created.
     pub fn load_or_create(data: &Path) -> Result<(AdminToken, PathBuf, bool), TokenError> {
         let path = data.join(ADMIN_TOKEN_FILE);
-        let mut bytes = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        let fresh = hex::encode(bytes);
+        let fresh = new_secret();
         let created = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -107,11 +107,28 @@ impl AdminToken {
 
     /// Whether an `Authorization` header value carries this token (`Bearer <token>`).
     pub fn authorizes(&self, header: Option<&str>) -> bool {
-        let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        let Some(presented) = bearer(header) else {
             return false;
         };
-        constant_time_eq(self.0.as_bytes(), presented.trim().as_bytes())
+        constant_time_eq(self.0.as_bytes(), presented.as_bytes())
     }
+}
+
+/// The token an `Authorization` header value carries (`Bearer <token>`), trimmed; `None`
+/// without one.
+pub fn bearer(header: Option<&str>) -> Option<&str> {
+    header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// A fresh bearer token secret: 32 bytes from the OS generator, hex. Its 256 bits of entropy
+/// are what let `tokens.rs` store a plain (unsalted) BLAKE3 hash of it.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
 }
 
 /// Compares without an early exit on the first differing byte. The length is not secret.

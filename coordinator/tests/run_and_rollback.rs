@@ -250,10 +250,16 @@ async fn a_node_rollback_is_a_signed_retained_command_above_every_earlier_seq_an
     );
     assert_eq!(entry["current"]["release"]["version"], "1", "{entry}");
 
-    // A later rollout supersedes the rollback: a deploy with a higher seq.
-    running.rollout("web", "1").await?;
-    let (redeploy, _) = open_command(&node.next_on(&topic).await?.payload, &trust)?;
+    // A later rollout supersedes the rollback: its first command has a higher seq. (The
+    // first rollout left n1 alone once it accepted the operator's rollback, and so ended.)
+    publish(&running, &src, "3", &[]).await?;
+    running.rollout("web", "3").await?;
+    let (redeploy, manifest) = open_command(&node.next_on(&topic).await?.payload, &trust)?;
     assert_eq!(redeploy.seq, command.seq + 1);
+    assert_eq!(manifest.release_id(), web("3")?);
+    let first = running.get_json("/api/rollouts/1").await?;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(first["nodes"][0]["phase"], "overridden", "{first}");
 
     // The CLI's path: the client call succeeds and the next command is a rollback again.
     let client = ApiClient::new(&running.client_args())?;

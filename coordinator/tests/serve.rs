@@ -1,8 +1,9 @@
 //! `serve` in one process with its embedded broker, and a fake node speaking MQTT: the
-//! release path through the coordinator (publish, inventory, rollout, signed retained
-//! command, chunk frames over MQTT and HTTP), the retained command coming back after a
-//! restart onto an empty broker, a release's mirrors in deploy commands, and the
-//! chunk-delivery counters of `GET /api/stats`.
+//! release path through the coordinator (publish, inventory, rollout: a signed retained
+//! `Stage`, chunk frames over MQTT and HTTP, then `Deploy` once the node reports the release
+//! staged), the retained command and the rollout coming back after a restart onto an empty
+//! broker, a release's mirrors in the commands, and the chunk-delivery counters of
+//! `GET /api/stats`.
 
 mod common;
 
@@ -16,8 +17,8 @@ use protocol::{
 use rumqttc::QoS;
 
 use common::{
-    fake_node, node_state, open_command, publish, release_tree, reporting_node, start,
-    wait_for_node, FakeNode,
+    fake_node, node_state, open_command, publish, release_tree, reporting_node, staged_state,
+    start, wait_for_node, FakeNode,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,8 +70,11 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
     let (command, manifest) = open_command(&message.payload, &trust)?;
     assert_eq!((command.node.as_str(), command.seq), ("n1", 1));
     assert!(command.expires_at > command.issued_at);
-    let Action::Deploy { http_sources, .. } = &command.action else {
-        bail!("expected a deploy command, got {:?}", command.action);
+    let Action::Stage { http_sources, .. } = &command.action else {
+        bail!(
+            "expected the rollout's stage command, got {:?}",
+            command.action
+        );
     };
     assert_eq!(http_sources, &vec![format!("http://{}", running.http)]);
     assert_eq!(manifest.release_id(), release);
@@ -134,7 +138,8 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
     running.stop().await?;
 
     // A fresh (empty) broker: the coordinator republishes the retained command on connect,
-    // and the next command's seq is above the first.
+    // and the rollout carries on: once the node reports the release staged, it is sent the
+    // deploy of the same manifest, with the next seq.
     let running = start(dir.path()).await?;
     let mut late = fake_node(running.mqtt, "n1", std::slice::from_ref(&command_topic)).await?;
     let message = late.next_on(&command_topic).await?;
@@ -155,17 +160,32 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
         nodes[0]["node"], "n1",
         "the inventory did not survive the restart: {nodes}"
     );
-    running.rollout("web", "1").await?;
+    let stage = command;
+    late.report_state(&staged_state(node_state(&n1), &stage, &manifest))
+        .await?;
     let message = late.next_on(&command_topic).await?;
-    let (command, _) = open_command(&message.payload, &trust)?;
+    let (command, deployed) = open_command(&message.payload, &trust)?;
     assert_eq!(command.seq, 2);
+    assert!(
+        matches!(command.action, Action::Deploy { .. }),
+        "{:?}",
+        command.action
+    );
+    assert_eq!(deployed, manifest);
+    let rollout = running.get_json("/api/rollouts/1").await?;
+    assert_eq!(rollout["status"], "running", "{rollout}");
+    assert_eq!(rollout["waves"][0]["phase"], "switching", "{rollout}");
     running.stop().await
 }
 
-fn deploy_sources(payload: &[u8], trust: &TrustedKeys) -> Result<Vec<String>> {
+fn command_sources(payload: &[u8], trust: &TrustedKeys) -> Result<Vec<String>> {
     let (command, _) = open_command(payload, trust)?;
-    let Action::Deploy { http_sources, .. } = command.action else {
-        bail!("expected a deploy command, got {:?}", command.action);
+    let (Action::Deploy { http_sources, .. } | Action::Stage { http_sources, .. }) = command.action
+    else {
+        bail!(
+            "expected a stage or deploy command, got {:?}",
+            command.action
+        );
     };
     Ok(http_sources)
 }
@@ -214,7 +234,7 @@ async fn deploy_commands_list_the_release_mirrors_in_order_then_the_coordinator_
     );
     let message = node.next_on(&command_topic).await?;
     assert_eq!(
-        deploy_sources(&message.payload, &trust)?,
+        command_sources(&message.payload, &trust)?,
         [
             "https://cdn.example/fleet",
             "http://mirror.lan:8080",
@@ -232,10 +252,16 @@ async fn deploy_commands_list_the_release_mirrors_in_order_then_the_coordinator_
     );
     assert_eq!(after["manifest_digest"], before["manifest_digest"]);
     assert_eq!(after["published_at"], before["published_at"]);
+    // The node holds the first rollout until it ends; aborting it frees the node.
+    let (status, aborted) = running
+        .post_json("/api/rollouts/1/abort", &serde_json::json!({}))
+        .await?;
+    assert_eq!(status, reqwest::StatusCode::OK, "{aborted}");
+    assert_eq!(aborted["status"], "aborted", "{aborted}");
     running.rollout("web", "1").await?;
     let message = node.next_on(&command_topic).await?;
     assert_eq!(
-        deploy_sources(&message.payload, &trust)?,
+        command_sources(&message.payload, &trust)?,
         ["http://mirror.lan:8080", coordinator_url.as_str()]
     );
 

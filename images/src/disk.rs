@@ -1,8 +1,10 @@
-//! Disk space: how much is free, and whether an error means the disk (or the quota) is full.
+//! Disk space: how much is free, how full the disk is, and whether an error means the disk
+//! (or the quota) is full.
 //!
 //! These let a caller plan a stage before writing anything ([`available_space`] against
 //! [`crate::assemble::slot_bytes_needed`]) and, when a write fails anyway, tell "no space
-//! left" (retrying cannot help until something is deleted) from every other I/O error.
+//! left" (retrying cannot help until something is deleted) from every other I/O error;
+//! [`used_percent`] is what the agent reports in its health telemetry.
 
 use std::io;
 use std::path::Path;
@@ -15,6 +17,20 @@ use rustix::io::Errno;
 pub fn available_space(path: &Path) -> io::Result<u64> {
     let stat = rustix::fs::statvfs(path)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// How full the filesystem holding `path` is, as a percentage of the space an unprivileged
+/// process could use, the way `df` shows it: used blocks / (used + `f_bavail`) × 100. Blocks
+/// reserved for root count as neither, so a disk reads 100 % when the agent can no longer
+/// write to it.
+pub fn used_percent(path: &Path) -> io::Result<f64> {
+    let stat = rustix::fs::statvfs(path)?;
+    let used = stat.f_blocks.saturating_sub(stat.f_bfree);
+    let usable = used.saturating_add(stat.f_bavail);
+    if usable == 0 {
+        return Ok(0.0);
+    }
+    Ok(used as f64 / usable as f64 * 100.0)
 }
 
 /// Whether `error` means the filesystem or the user's quota is full: `ENOSPC` or `EDQUOT`
@@ -73,6 +89,16 @@ mod tests {
         // an exabyte.
         assert!(free > 0 && free < 1 << 60, "{free}");
         let error = available_space(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn used_percent_is_a_share_and_missing_paths_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = used_percent(dir.path()).unwrap();
+        // Something was writable a moment ago (the temp dir itself), so it is not full.
+        assert!((0.0..100.0).contains(&used), "{used}");
+        let error = used_percent(&dir.path().join("missing")).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::NotFound);
     }
 }

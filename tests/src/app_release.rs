@@ -7,7 +7,9 @@
 //! Timings default to short ones so a whole switch, probation and grace fit in seconds.
 //!
 //! The front door's address is part of the release, so every node that runs it listens
-//! there: give each agent of a test its own app (or run one agent per fleet).
+//! there: give each agent of a test its own app (or run one agent per fleet), or have a
+//! switch hook move traffic instead ([`AppRelease::switch_hook`]), which binds nothing
+//! shared, so many agents on one machine can run the same release.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +32,8 @@ pub struct AppRelease {
     probation_secs: u32,
     grace_secs: u32,
     health_interval_ms: u32,
+    /// `[run.hooks] switch = …` in place of the front door.
+    switch_hook: Option<Vec<String>>,
 }
 
 impl AppRelease {
@@ -44,6 +48,7 @@ impl AppRelease {
             probation_secs: 2,
             grace_secs: 1,
             health_interval_ms: 100,
+            switch_hook: None,
         }
     }
 
@@ -82,6 +87,14 @@ impl AppRelease {
         self
     }
 
+    /// Moves traffic with this `[run.hooks] switch` command instead of the front door (which
+    /// is then left out: no shared port is bound). The hook runs with `FLEET_PORT` and
+    /// `FLEET_SLOT` in its environment.
+    pub fn switch_hook(mut self, argv: &[&str]) -> AppRelease {
+        self.switch_hook = Some(argv.iter().map(|a| (*a).to_owned()).collect());
+        self
+    }
+
     /// The text of `release.toml`.
     pub fn release_toml(&self) -> String {
         let mut env = String::new();
@@ -106,13 +119,21 @@ impl AppRelease {
              interval_ms = {interval}\n\
              timeout_ms = 1000\n\
              \n\
-             [run.front_door]\n\
-             listen = {listen}\n",
+             {traffic}",
             start = self.start_timeout_secs,
             probation = self.probation_secs,
             grace = self.grace_secs,
             interval = self.health_interval_ms,
-            listen = toml_string(&self.front_door.to_string()),
+            traffic = match &self.switch_hook {
+                Some(argv) => {
+                    let argv: Vec<String> = argv.iter().map(|a| toml_string(a)).collect();
+                    format!("[run.hooks]\nswitch = [{}]\n", argv.join(", "))
+                }
+                None => format!(
+                    "[run.front_door]\nlisten = {}\n",
+                    toml_string(&self.front_door.to_string())
+                ),
+            },
         )
     }
 
@@ -206,6 +227,14 @@ mod tests {
         assert!(text.contains("APP_FAIL_HEALTH = \"true\"\n"), "{text}");
         assert!(text.contains("probation_secs = 3\n"), "{text}");
         assert!(text.contains("listen = \"127.0.0.1:4321\"\n"), "{text}");
+        let hooked = AppRelease::new("7", door)
+            .switch_hook(&["/bin/sh", "-c", "true"])
+            .release_toml();
+        assert!(
+            hooked.ends_with("[run.hooks]\nswitch = [\"/bin/sh\", \"-c\", \"true\"]\n"),
+            "{hooked}"
+        );
+        assert!(!hooked.contains("front_door"), "{hooked}");
     }
 
     #[test]

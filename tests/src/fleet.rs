@@ -61,6 +61,8 @@ pub struct AgentOptions {
     pub max_fetch_rate: Option<u64>,
     /// `--no-http`: fetch chunks over MQTT only.
     pub no_http: bool,
+    /// `--metrics-interval DURATION` (e.g. "1s"); the agent's default when `None`.
+    pub metrics_interval: Option<String>,
     /// Run the agent inside this network namespace ([`NetNs::name`]); needs root. The
     /// fleet must listen where the namespace reaches it ([`FleetOptions::listen_ip`]).
     pub netns: Option<String>,
@@ -259,6 +261,9 @@ impl Fleet {
         }
         if options.no_http {
             args.push("--no-http".into());
+        }
+        if let Some(interval) = &options.metrics_interval {
+            args.extend(["--metrics-interval".into(), interval.into()]);
         }
         let proc = Proc::spawn_with_env(
             &format!("agent {id}"),
@@ -591,6 +596,17 @@ impl Fleet {
     /// The PID of the coordinator process, while it runs.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.borrow().pid()
+    }
+
+    /// The PID of the Mosquitto process, while it runs; `None` with the embedded broker
+    /// (which runs inside the coordinator).
+    pub fn mosquitto_pid(&self) -> Option<u32> {
+        self.mosquitto.as_ref().and_then(|m| m.borrow().proc().pid())
+    }
+
+    /// The broker's MQTT address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt
     }
 
     fn dir(&self) -> &Path {

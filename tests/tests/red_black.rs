@@ -215,7 +215,9 @@ fn a_new_version_takes_the_traffic_without_a_failed_request_and_the_old_one_stop
 fn an_operator_rollback_returns_to_a_warm_or_a_stopped_previous_version_without_a_failed_request(
 ) -> Result<()> {
     let n = OneNode::start()?;
-    n.deploy_ok(&n.release("1"))?;
+    // A short grace for version 1: once traffic is back on it, the healthy version 2 it
+    // left stays warm only a second, so the second rollback has to start it again.
+    n.deploy_ok(&n.release("1").grace_secs(1))?;
     // A long grace: version 1 is still warm when the operator rolls back.
     n.deploy_ok(&n.release("2").grace_secs(300))?;
     let v2_slot = n.agent.current_slot()?;
@@ -253,7 +255,7 @@ fn an_operator_rollback_returns_to_a_warm_or_a_stopped_previous_version_without_
         previous_version(&state)
     );
     n.fleet
-        .wait_until(SWITCH, "the version rolled back from to stop", || {
+        .wait_until(SWITCH, "the version rolled back from to stop after its grace", || {
             Ok(pids_in(&v2_slot)?.is_empty())
         })?;
     check_coordinator_sees_rollback(&n, "1")?;

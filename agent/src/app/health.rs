@@ -77,10 +77,11 @@ fn last_line(output: &[String]) -> String {
     }
 }
 
-/// The HTTP client for probes: no proxy (the environment's `HTTP_PROXY` must not capture
-/// loopback probes), no redirects (a 3xx is not healthy), no idle connections kept (each
-/// probe is a fresh connection, and none is held to a version being stopped).
-fn client() -> Result<&'static reqwest::Client, String> {
+/// The HTTP client for probes and metric scrapes of a version's private port: no proxy (the
+/// environment's `HTTP_PROXY` must not capture loopback probes), no redirects (a 3xx is not
+/// healthy), no idle connections kept (each probe is a fresh connection, and none is held to
+/// a version being stopped).
+pub(crate) fn client() -> Result<&'static reqwest::Client, String> {
     static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
     CLIENT
         .get_or_init(|| {

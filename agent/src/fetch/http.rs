@@ -76,16 +76,34 @@ pub async fn get_chunk(
             url,
         });
     }
+    read_limited(
+        &mut response,
+        MAX_COMPRESSED_CHUNK_SIZE,
+        chunk.zsize as usize,
+    )
+    .await
+    .map_err(unreachable)?
+    .ok_or_else(too_large)
+}
+
+/// Reads a response's body, or `None` as soon as it is known to exceed `limit` bytes
+/// (claimed or sent): never more than `limit` bytes are held, whatever the server does.
+/// `expected` sizes the first allocation when the server does not say.
+pub async fn read_limited(
+    response: &mut reqwest::Response,
+    limit: usize,
+    expected: usize,
+) -> reqwest::Result<Option<bytes::Bytes>> {
     let claimed = response.content_length().unwrap_or(0);
-    if claimed > MAX_COMPRESSED_CHUNK_SIZE as u64 {
-        return Err(too_large());
+    if claimed > limit as u64 {
+        return Ok(None);
     }
-    let mut body = bytes::BytesMut::with_capacity(claimed.max(chunk.zsize.into()) as usize);
-    while let Some(piece) = response.chunk().await.map_err(unreachable)? {
-        if body.len() + piece.len() > MAX_COMPRESSED_CHUNK_SIZE {
-            return Err(too_large());
+    let mut body = bytes::BytesMut::with_capacity((claimed as usize).max(expected).min(limit));
+    while let Some(piece) = response.chunk().await? {
+        if body.len() + piece.len() > limit {
+            return Ok(None);
         }
         body.extend_from_slice(&piece);
     }
-    Ok(body.freeze())
+    Ok(Some(body.freeze()))
 }

@@ -16,7 +16,7 @@
 //! frames beyond that wait in the broker connection (the daemon forwards them with
 //! backpressure, never dropping one). Nothing here touches the active slot.
 
-mod http;
+pub(crate) mod http;
 mod wanted;
 
 use std::path::PathBuf;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _, Result};
 use coordinator::cli::{ClientArgs, ServeArgs};
 use coordinator::client::{ApiClient, PublishArgs};
-use protocol::messages::{Action, Command, NodeState, Presence};
+use protocol::messages::{Action, Command, NodeState, Presence, SlotReport};
 use protocol::{
     Envelope, Manifest, NodeId, NodeTopic, ReleaseKind, Topics, TrustedKeys, PROTOCOL_VERSION,
 };
@@ -44,6 +44,7 @@ pub async fn start(dir: &Path) -> Result<Running> {
         http,
         topic_prefix: "fleet".into(),
         public_url: None,
+        metrics_retention: std::time::Duration::from_secs(7 * 86_400),
     };
     let config = coordinator::config::ServeConfig::load(args)?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -308,14 +309,31 @@ pub async fn reporting_node_with(
     Ok(node)
 }
 
-/// Opens a deploy command and the manifest it carries, both checked against `trust`.
+/// Opens a stage or deploy command (a rollout sends a node `Stage`, then `Deploy` of the same
+/// manifest once the node reports it staged) and the manifest it carries, both checked
+/// against `trust`.
 pub fn open_command(payload: &[u8], trust: &TrustedKeys) -> Result<(Command, Manifest)> {
     let command: Command = Envelope::open_bytes(payload, trust)?;
-    let Action::Deploy { manifest, .. } = &command.action else {
-        bail!("expected a deploy command, got {:?}", command.action);
+    let (Action::Deploy { manifest, .. } | Action::Stage { manifest, .. }) = &command.action else {
+        bail!(
+            "expected a stage or deploy command, got {:?}",
+            command.action
+        );
     };
     let manifest: Manifest = manifest.open(trust)?;
     Ok((command, manifest))
+}
+
+/// `state` as the node reports it once it has accepted `command` (a `Stage`) and holds the
+/// release staged, so the rollout goes on to `Deploy`.
+pub fn staged_state(mut state: NodeState, command: &Command, manifest: &Manifest) -> NodeState {
+    state.last_seq = command.seq;
+    state.staged = Some(SlotReport {
+        release: manifest.release_id(),
+        manifest_digest: protocol::Digest::of(b"staged"),
+        slot_dir: "slots/staged".into(),
+    });
+    state
 }
 
 /// The coordinator's trust file, as agents are given it.

@@ -1,0 +1,604 @@
+//! `bench-canary`: the canary judge's false-alarm and detection rates on synthetic metric
+//! streams, next to a plain ratio judge measured on the same streams (issue 5).
+//!
+//! ```text
+//! cargo run --release -p system-tests --bin bench-canary [-- --runs 1000 --seed 1]
+//! ```
+//!
+//! Each run simulates one judgment window (`CanaryConfig::default().window_secs`, after the
+//! warm-up) of a fleet of identical nodes, sample by sample as the agent reports them, and
+//! judges the canary nodes against the baseline nodes with the real
+//! `coordinator::canary::judge` and `CanaryConfig::default()`.
+//!
+//! **The simulated fleet** (chosen before the judge's defaults were tuned, and not changed
+//! to suit them; see [`Fleet::REALISTIC`]):
+//! - Every 10 s (the agent's default interval) each node answers Poisson(rate · 10 s)
+//!   requests of the sample app. Each request fails (5xx) with the interval's error
+//!   probability and takes a lognormal latency, recorded in a histogram with the sample
+//!   app's buckets (`sample_app::metrics::LATENCY_BUCKETS`). The interval's metrics are
+//!   derived as the agent derives them: request rate, errors/requests, and p50/p90/p99 by
+//!   `protocol::telemetry::histogram_quantile` over the interval's bucket counts.
+//! - Host metrics: CPU grows with the node's traffic, memory is a per-node level with
+//!   little noise, the load average is a 1-minute moving average of a noisy run queue.
+//! - Node-to-node variation: every node draws its own multiplicative factors (lognormal)
+//!   for traffic, error rate, latency, CPU and memory, once per run. Interval-to-interval
+//!   variation: traffic bursts, error bursts and latency jitter per node and interval.
+//! - Scenarios: A/A (canary nodes drawn like the baseline nodes); the error probability
+//!   ×1.5 on the canary; a latency tail regression on the canary that raises the true p99
+//!   by 30 % and leaves the median alone (the lognormal's σ grows by ln 1.3 / z₀.₉₉).
+//!   Runs of the same index share their seed across scenarios (paired comparisons).
+//!
+//! **Figures**: A/A false alarms (verdict fail or marginal); detection (verdict fail). The
+//! plain ratio judge fails a canary when any metric our judge judged has a canary/baseline
+//! mean ratio outside [0.8, 1.2].
+//!
+//! Prints the parameters and markdown tables on stdout, progress on stderr.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::thread;
+
+use anyhow::{bail, Context as _, Result};
+use coordinator::canary::{judge, CanaryConfig, GroupSamples, Judgment, Verdict};
+use protocol::telemetry::{histogram_quantile, names};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use sample_app::metrics::LATENCY_BUCKETS;
+
+/// The agent's default `--metrics-interval`.
+const INTERVAL_SECS: f64 = 10.0;
+/// The plain ratio judge's band.
+const RATIO_BAND: (f64, f64) = (0.8, 1.2);
+/// Canary nodes × baseline nodes: the end-to-end test's four agents with a one-node first
+/// wave, then evenly split groups as Kayenta recommends.
+const LAYOUTS: [(usize, usize); 3] = [(1, 3), (2, 2), (3, 3)];
+
+/// Parameters of the simulated fleet.
+#[derive(Debug, Clone, Copy)]
+struct Fleet {
+    /// Median requests per second per node.
+    request_rate: f64,
+    /// Share of requests answered 5xx on a median node.
+    error_rate: f64,
+    /// Median request latency, seconds, and the σ of its logarithm within an interval.
+    latency_median_secs: f64,
+    latency_sigma: f64,
+    /// σ of the log of each node's own factor (node-to-node variation).
+    node_traffic_sigma: f64,
+    node_error_sigma: f64,
+    node_latency_sigma: f64,
+    node_cpu_sigma: f64,
+    node_mem_sigma: f64,
+    /// σ of the log of per-interval factors (bursts and jitter), per node.
+    interval_traffic_sigma: f64,
+    interval_error_sigma: f64,
+    interval_latency_sigma: f64,
+    interval_cpu_sigma: f64,
+    interval_run_queue_sigma: f64,
+    /// Relative noise of the memory reading per interval.
+    interval_mem_noise: f64,
+    /// CPU percent at idle and per request per second.
+    cpu_idle_percent: f64,
+    cpu_percent_per_rps: f64,
+    /// Memory used percent on a median node.
+    mem_used_percent: f64,
+}
+
+impl Fleet {
+    /// An edge node serving video segments to a few hundred viewers: ~50 requests/s,
+    /// 0.5 % 5xx (upstream timeouts), 20 ms median with a long tail (p99 ≈ 80 ms). Nodes
+    /// are meant to be alike but are not: traffic differs by ~20 % between nodes (different
+    /// client populations), error rates by ~10 %, latency by ~5 % (hardware, neighbours).
+    const REALISTIC: Fleet = Fleet {
+        request_rate: 50.0,
+        error_rate: 0.005,
+        latency_median_secs: 0.020,
+        latency_sigma: 0.6,
+        node_traffic_sigma: 0.2,
+        node_error_sigma: 0.1,
+        node_latency_sigma: 0.05,
+        node_cpu_sigma: 0.1,
+        node_mem_sigma: 0.1,
+        interval_traffic_sigma: 0.1,
+        interval_error_sigma: 0.3,
+        interval_latency_sigma: 0.05,
+        interval_cpu_sigma: 0.1,
+        interval_run_queue_sigma: 0.3,
+        interval_mem_noise: 0.005,
+        cpu_idle_percent: 3.0,
+        cpu_percent_per_rps: 0.3,
+        mem_used_percent: 45.0,
+    };
+}
+
+/// What the canary's new version changes.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    label: &'static str,
+    /// Multiplies the error probability.
+    error_factor: f64,
+    /// Multiplies the true p99 latency, by widening the lognormal (median unchanged).
+    p99_factor: f64,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        label: "A/A",
+        error_factor: 1.0,
+        p99_factor: 1.0,
+    },
+    Scenario {
+        label: "error rate +50 %",
+        error_factor: 1.5,
+        p99_factor: 1.0,
+    },
+    Scenario {
+        label: "p99 latency +30 %",
+        error_factor: 1.0,
+        p99_factor: 1.3,
+    },
+];
+
+/// z of the 0.99 quantile of the standard normal.
+const Z_99: f64 = 2.326_347_874_040_841;
+
+struct Args {
+    runs: usize,
+    seed: u64,
+}
+
+fn sweep() {
+    let base = CanaryConfig::default();
+    let fleet = Fleet::REALISTIC;
+    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+    let layout: (usize,usize) = (std::env::var("C").ok().and_then(|v| v.parse().ok()).unwrap_or(1), std::env::var("B").ok().and_then(|v| v.parse().ok()).unwrap_or(3));
+    let mut data = Vec::new();
+    for (si, &scenario) in SCENARIOS.iter().enumerate() {
+        let mut v = Vec::new();
+        for run in 0..runs {
+            let mut rng = StdRng::seed_from_u64(splitmix(777 ^ splitmix(run as u64)));
+            v.push(simulate_run(&mut rng, &fleet, layout, scenario, 60));
+        }
+        data.push((si, v));
+    }
+    for d in [2.0, 4.0, 8.0] {
+        for e in [0.12, 0.14, 0.16, 0.18, 0.2] {
+            for p in [0.05, 0.07, 0.09] {
+                let mut c = base.clone();
+                c.node_spread_prior_df = d;
+                c.metrics.get_mut(names::APP_ERROR_RATE).unwrap().expected_node_spread = e;
+                c.metrics.get_mut(names::APP_LATENCY_P99_MS).unwrap().expected_node_spread = p;
+                let mut out = Vec::new();
+                for (si, v) in &data {
+                    let n = v.iter().filter(|(a, b)| { let j = judge(&c, a, b); if *si == 0 { j.verdict != Verdict::Pass } else { j.verdict == Verdict::Fail } }).count();
+                    out.push(100.0 * n as f64 / v.len() as f64);
+                }
+                println!("d {d} err {e} p99 {p}: FA {:.1} err {:.1} p99 {:.1}", out[0], out[1], out[2]);
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    if std::env::var("SWEEP").is_ok() { sweep(); return ExitCode::SUCCESS; }
+    match parse_args().and_then(|args| bench(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench-canary: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args { runs: 1000, seed: 1 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--runs" => args.runs = value()?.parse().context("--runs: a count")?,
+            "--seed" => args.seed = value()?.parse().context("--seed: a number")?,
+            other => bail!("unknown argument {other:?} (expected --runs N, --seed N)"),
+        }
+    }
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(args)
+}
+
+/// Verdict counts of one (layout, scenario).
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    runs: usize,
+    fail: usize,
+    marginal: usize,
+    ratio_fail: usize,
+    /// For alarms of our judge: the metric listed first (the one the summary names).
+    alarm_metrics: BTreeMap<String, usize>,
+    /// For the ratio judge's failures: every metric outside the band.
+    ratio_metrics: BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.runs += other.runs;
+        self.fail += other.fail;
+        self.marginal += other.marginal;
+        self.ratio_fail += other.ratio_fail;
+        for (name, count) in other.alarm_metrics {
+            *self.alarm_metrics.entry(name).or_default() += count;
+        }
+        for (name, count) in other.ratio_metrics {
+            *self.ratio_metrics.entry(name).or_default() += count;
+        }
+    }
+
+    fn record(&mut self, judgment: &Judgment) {
+        self.runs += 1;
+        match judgment.verdict {
+            Verdict::Fail => self.fail += 1,
+            Verdict::Marginal => self.marginal += 1,
+            Verdict::Pass => {}
+        }
+        if judgment.verdict != Verdict::Pass {
+            if let Some(worst) = judgment.metrics.first() {
+                *self.alarm_metrics.entry(worst.name.clone()).or_default() += 1;
+            }
+        }
+        let outside: Vec<&str> = judgment
+            .metrics
+            .iter()
+            .filter(|m| m.counted)
+            .filter(|m| m.ratio.is_some_and(|r| !(RATIO_BAND.0..=RATIO_BAND.1).contains(&r)))
+            .map(|m| m.name.as_str())
+            .collect();
+        if !outside.is_empty() {
+            self.ratio_fail += 1;
+        }
+        for name in outside {
+            *self.ratio_metrics.entry(name.to_owned()).or_default() += 1;
+        }
+    }
+}
+
+fn bench(args: &Args) -> Result<()> {
+    let config = CanaryConfig::default();
+    config.validate().context("the default canary configuration")?;
+    let fleet = Fleet::REALISTIC;
+    let intervals = (config.window_secs as f64 / INTERVAL_SECS).floor() as usize;
+    let threads = thread::available_parallelism().map_or(1, |n| n.get());
+    print_parameters(args, &config, &fleet, intervals);
+
+    let mut results: Vec<((usize, usize), Scenario, Tally)> = Vec::new();
+    for (layout_index, &layout) in LAYOUTS.iter().enumerate() {
+        for &scenario in &SCENARIOS {
+            let started = std::time::Instant::now();
+            let tally = thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|worker| {
+                        let config = &config;
+                        scope.spawn(move || {
+                            let mut tally = Tally::default();
+                            for run in (worker..args.runs).step_by(threads) {
+                                let seed = splitmix(
+                                    args.seed ^ splitmix((layout_index as u64) << 32 | run as u64),
+                                );
+                                let mut rng = StdRng::seed_from_u64(seed);
+                                let (canary, baseline) =
+                                    simulate_run(&mut rng, &fleet, layout, scenario, intervals);
+                                tally.record(&judge(config, &canary, &baseline));
+                            }
+                            tally
+                        })
+                    })
+                    .collect();
+                let mut total = Tally::default();
+                for worker in workers {
+                    // A worker only panics on a bug; re-raise it here.
+                    match worker.join() {
+                        Ok(tally) => total.add(tally),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                total
+            });
+            eprintln!(
+                "{} vs {}, {}: {} runs in {:.1} s",
+                layout.0,
+                layout.1,
+                scenario.label,
+                tally.runs,
+                started.elapsed().as_secs_f64()
+            );
+            results.push((layout, scenario, tally));
+        }
+    }
+    print_results(&results);
+    Ok(())
+}
+
+fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals: usize) {
+    println!("## bench-canary");
+    println!();
+    println!(
+        "{} runs per row, seed {}; window {} s after a {} s warm-up = {intervals} samples per node at the agent's {INTERVAL_SECS} s interval.",
+        args.runs, args.seed, config.window_secs, config.warmup_secs
+    );
+    println!(
+        "Judge: `CanaryConfig::default()`: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}.",
+        config.confidence, config.pass_score, config.marginal_score, config.min_samples, config.node_spread_factor
+    );
+    for (name, spec) in config.enabled_metrics() {
+        println!(
+            "- `{name}`: {:?}, allowed ×{}/×{}, group {} (weight {}){}",
+            spec.direction,
+            spec.allowed_increase,
+            spec.allowed_decrease,
+            spec.group,
+            config.groups.get(&spec.group).copied().unwrap_or(1.0),
+            if spec.critical { ", critical" } else { "" }
+        );
+    }
+    println!();
+    println!(
+        "Fleet: {} req/s per node (median), {} % 5xx, latency lognormal median {} ms σ {} (sample-app buckets, p50/p90/p99 by histogram_quantile); \
+         node-to-node σ (log): traffic {}, errors {}, latency {}, CPU {}, memory {}; per interval σ (log): traffic {}, errors {}, latency {}, CPU {}, run queue {}; memory noise {} %; \
+         CPU {} % + {} % per req/s; memory {} % used.",
+        fleet.request_rate,
+        fleet.error_rate * 100.0,
+        fleet.latency_median_secs * 1000.0,
+        fleet.latency_sigma,
+        fleet.node_traffic_sigma,
+        fleet.node_error_sigma,
+        fleet.node_latency_sigma,
+        fleet.node_cpu_sigma,
+        fleet.node_mem_sigma,
+        fleet.interval_traffic_sigma,
+        fleet.interval_error_sigma,
+        fleet.interval_latency_sigma,
+        fleet.interval_cpu_sigma,
+        fleet.interval_run_queue_sigma,
+        fleet.interval_mem_noise * 100.0,
+        fleet.cpu_idle_percent,
+        fleet.cpu_percent_per_rps,
+        fleet.mem_used_percent,
+    );
+    println!();
+}
+
+fn print_results(results: &[((usize, usize), Scenario, Tally)]) {
+    println!("| canary vs baseline nodes | figure | our judge | plain ratio judge [0.8, 1.2] | target |");
+    println!("|---|---|---|---|---|");
+    for ((canary, baseline), scenario, tally) in results {
+        let (figure, ours, target) = if scenario.error_factor == 1.0 && scenario.p99_factor == 1.0 {
+            (
+                "A/A false alarms (fail or marginal)".to_owned(),
+                tally.fail + tally.marginal,
+                "≤ 2 %",
+            )
+        } else {
+            (format!("detection (fail), {}", scenario.label), tally.fail, "≥ 95 %")
+        };
+        println!(
+            "| {canary} vs {baseline} | {figure} | **{}** ({}) | {} | {target} |",
+            percent(ours, tally.runs),
+            wilson(ours, tally.runs),
+            percent(tally.ratio_fail, tally.runs),
+        );
+    }
+    println!();
+    println!("Which metric each alarm named first (our judge; the ratio judge: every metric outside the band):");
+    println!();
+    println!("| canary vs baseline nodes | scenario | our judge's alarms | ratio judge's breaches |");
+    println!("|---|---|---|---|");
+    for ((canary, baseline), scenario, tally) in results {
+        println!(
+            "| {canary} vs {baseline} | {} | {} | {} |",
+            scenario.label,
+            breakdown(&tally.alarm_metrics),
+            breakdown(&tally.ratio_metrics)
+        );
+    }
+}
+
+fn breakdown(counts: &BTreeMap<String, usize>) -> String {
+    if counts.is_empty() {
+        return "none".into();
+    }
+    let mut sorted: Vec<(&String, &usize)> = counts.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    sorted
+        .iter()
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn percent(count: usize, runs: usize) -> String {
+    format!("{:.1} %", 100.0 * count as f64 / runs.max(1) as f64)
+}
+
+/// The Wilson score interval (95 %) of a proportion, in percent.
+fn wilson(count: usize, runs: usize) -> String {
+    let (n, z) = (runs.max(1) as f64, 1.959_963_984_540_054);
+    let p = count as f64 / n;
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
+    format!(
+        "{:.1}–{:.1}",
+        100.0 * (centre - half).max(0.0),
+        100.0 * (centre + half).min(1.0)
+    )
+}
+
+/// One node's own factors, drawn once per run.
+struct Node {
+    traffic: f64,
+    errors: f64,
+    latency: f64,
+    cpu: f64,
+    mem_percent: f64,
+}
+
+impl Node {
+    fn draw(rng: &mut StdRng, fleet: &Fleet) -> Node {
+        Node {
+            traffic: lognormal(rng, fleet.node_traffic_sigma),
+            errors: lognormal(rng, fleet.node_error_sigma),
+            latency: lognormal(rng, fleet.node_latency_sigma),
+            cpu: lognormal(rng, fleet.node_cpu_sigma),
+            mem_percent: fleet.mem_used_percent * lognormal(rng, fleet.node_mem_sigma),
+        }
+    }
+}
+
+/// Canary and baseline samples of one run: the first `layout.0` nodes run the new version.
+fn simulate_run(
+    rng: &mut StdRng,
+    fleet: &Fleet,
+    layout: (usize, usize),
+    scenario: Scenario,
+    intervals: usize,
+) -> (GroupSamples, GroupSamples) {
+    let (mut canary, mut baseline) = (GroupSamples::new(), GroupSamples::new());
+    // Node factors first, so that a scenario changes nothing but the canary's behaviour.
+    let nodes: Vec<Node> = (0..layout.0 + layout.1).map(|_| Node::draw(rng, fleet)).collect();
+    for (index, node) in nodes.iter().enumerate() {
+        let (group, effect) = if index < layout.0 {
+            (&mut canary, scenario)
+        } else {
+            (&mut baseline, SCENARIOS[0])
+        };
+        for (name, values) in simulate_node(rng, fleet, node, effect, intervals) {
+            group.entry(name).or_default().push(values);
+        }
+    }
+    (canary, baseline)
+}
+
+/// One node's samples over the window, metric by metric, as the agent would report them.
+fn simulate_node(
+    rng: &mut StdRng,
+    fleet: &Fleet,
+    node: &Node,
+    effect: Scenario,
+    intervals: usize,
+) -> BTreeMap<String, Vec<f64>> {
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut put = |name: &str, value: f64| out.entry(name.to_owned()).or_default().push(value);
+    let sigma = fleet.latency_sigma + effect.p99_factor.ln() / Z_99;
+    // The load average is an exponentially weighted 1-minute average of the run queue.
+    let decay = (-INTERVAL_SECS / 60.0).exp();
+    let mut load = None;
+    for _ in 0..intervals {
+        let expected = fleet.request_rate
+            * node.traffic
+            * lognormal(rng, fleet.interval_traffic_sigma)
+            * INTERVAL_SECS;
+        let requests = poisson(rng, expected);
+        let error_probability = (fleet.error_rate
+            * node.errors
+            * effect.error_factor
+            * lognormal(rng, fleet.interval_error_sigma))
+        .min(1.0);
+        let log_median = (fleet.latency_median_secs
+            * node.latency
+            * lognormal(rng, fleet.interval_latency_sigma))
+        .ln();
+        let mut buckets = [0u64; LATENCY_BUCKETS.len()];
+        let mut errors = 0u64;
+        for _ in 0..requests {
+            if rng.gen::<f64>() < error_probability {
+                errors += 1;
+            }
+            let latency = (log_median + sigma * standard_normal(rng)).exp();
+            if let Some(bucket) = LATENCY_BUCKETS.iter().position(|&le| latency <= le) {
+                buckets[bucket] += 1;
+            }
+        }
+        let rate = requests as f64 / INTERVAL_SECS;
+        put(names::APP_REQUEST_RATE, rate);
+        if requests > 0 {
+            put(names::APP_ERROR_RATE, errors as f64 / requests as f64);
+            let cumulative: Vec<u64> = buckets
+                .iter()
+                .scan(0, |sum, &count| {
+                    *sum += count;
+                    Some(*sum)
+                })
+                .collect();
+            for (q, name) in [
+                (0.5, names::APP_LATENCY_P50_MS),
+                (0.9, names::APP_LATENCY_P90_MS),
+                (0.99, names::APP_LATENCY_P99_MS),
+            ] {
+                if let Some(seconds) = histogram_quantile(&LATENCY_BUCKETS, &cumulative, requests, q)
+                {
+                    put(name, seconds * 1000.0);
+                }
+            }
+        }
+        let cpu = (fleet.cpu_idle_percent + fleet.cpu_percent_per_rps * rate)
+            * node.cpu
+            * lognormal(rng, fleet.interval_cpu_sigma);
+        put(names::HOST_CPU_PERCENT, cpu);
+        let mem = node.mem_percent * (1.0 + fleet.interval_mem_noise * standard_normal(rng));
+        put(names::HOST_MEM_USED_PERCENT, mem.clamp(0.0, 100.0));
+        let run_queue = cpu / 100.0 * lognormal(rng, fleet.interval_run_queue_sigma);
+        let next = match load {
+            None => run_queue,
+            Some(load) => load * decay + (1.0 - decay) * run_queue,
+        };
+        load = Some(next);
+        put(names::HOST_LOAD1, next);
+    }
+    out
+}
+
+/// exp(σ·Z): a multiplicative factor with median 1.
+fn lognormal(rng: &mut StdRng, sigma: f64) -> f64 {
+    (sigma * standard_normal(rng)).exp()
+}
+
+/// Box–Muller (one of the pair; the bench is not bound by this).
+fn standard_normal(rng: &mut StdRng) -> f64 {
+    // 1 − u is in (0, 1], so its log is finite.
+    let u: f64 = 1.0 - rng.gen::<f64>();
+    let v: f64 = rng.gen();
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// An exact Poisson draw: the sum of Poisson draws of at most 30 each, each by inversion
+/// (e^−30 is far from underflow).
+fn poisson(rng: &mut StdRng, mean: f64) -> u64 {
+    let mut remaining = mean.max(0.0);
+    let mut total = 0;
+    while remaining > 0.0 {
+        let part = remaining.min(30.0);
+        remaining -= part;
+        let mut u: f64 = rng.gen();
+        let mut k = 0;
+        let mut probability = (-part).exp();
+        let mut cumulative = probability;
+        while u > cumulative {
+            k += 1;
+            probability *= part / k as f64;
+            cumulative += probability;
+            if probability < 1e-300 {
+                // Rounding left u above the total mass: take the tail as reached.
+                u = cumulative;
+            }
+        }
+        total += k;
+    }
+    total
+}
+
+/// SplitMix64: independent-looking seeds from consecutive integers.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,754 @@
+//! `bench-fleet`: the fleet-scale figure of issue 6: a staged rollout of a 10 MB release that
+//! differs by 1 MB from the installed one, to 1,000 real agents, in waves.
+//!
+//! ```text
+//! cargo run --release -p system-tests --bin bench-fleet -- [--nodes 1000] [--broker embedded|mosquitto|both]
+//! ```
+//!
+//! Per broker (the coordinator's embedded one, then Mosquitto): a release-build coordinator,
+//! and `--nodes` agents in `agent-swarm` processes (250 per process by default; each agent is
+//! `agent::daemon::run` with its own id, data directory, journal and MQTT connection, see
+//! `src/bin/agent_swarm.rs`), all on this machine. Two seeded releases are generated at run
+//! time (`bench_data`, a ~10 MB tree: media segments, metadata, a binary): v2 rewrites 200 KB
+//! of the binary, edits a config file and adds an 800 KB segment. v1 is installed on every
+//! node by a plain `rollout start` (one wave; not measured), then the measured rollout:
+//! `rollout start --version 2 --waves 1,10%,50%,100% --bake 2s`, polled through
+//! `rollout status ID --json` until it is done.
+//!
+//! Figures, each over the measured rollout only:
+//! - time: from `rollout start` to the status saying done, and per wave from the first poll
+//!   showing it under way to the first showing it finished (polls every 200 ms);
+//! - coordinator peak resident memory: `VmHWM`, restarted just before the rollout
+//!   (`/proc/PID/clear_refs`), so the v1 install does not count; the peak over the whole run
+//!   is printed too;
+//! - coordinator CPU seconds: user + system from `/proc/PID/stat`, across the rollout;
+//! - broker egress: the bytes the broker's accepted connections sent, from the kernel's
+//!   per-socket `bytes_acked` (`ss -ti` on the broker's port: MQTT bytes, no TCP/IP headers),
+//!   the same method for both brokers; for Mosquitto also its own `$SYS/broker/bytes/sent`;
+//! - chunk bytes the coordinator served over HTTP and as MQTT frames (`coordinator stats`),
+//!   against the ideal: each node fetches the compressed size of v2's new chunks once.
+//!
+//! Needs root for `/proc/PID/clear_refs` of the coordinator only if the bench runs as
+//! another user than it (it does not: the coordinator is its child). Prints Markdown tables
+//! on stdout, progress on stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use clap::Parser;
+use images::{build_image, missing_chunks, ChunkStore};
+use protocol::messages::SlotReport;
+use protocol::{AppName, ReleaseKind, Version};
+use serde::Deserialize;
+use system_tests::bench_data::{make_v2, mb, proc_status_kib, write_v1, Shape, V2Changes};
+use system_tests::swarm::swarm_binary;
+use system_tests::usage::{cpu_seconds, reset_peak_rss, thread_names, SentBetween, SocketBytes};
+use system_tests::wait::{wait_for, wait_until, Fatal};
+use system_tests::{release, Bins, Broker, Fleet, Swarm, SwarmOptions, TestClient, Tmpfs};
+
+const APP: &str = "fleet-bench";
+/// About 10 MB: 9 × 800 KB incompressible segments, 1 MB of JSON, a 1.8 MB binary; v2
+/// rewrites 200 KB of the binary and adds one segment, so about 1 MB differs.
+const SHAPE: Shape = Shape {
+    segments: 9,
+    segment_bytes: 800_000,
+    meta_bytes: 1_000_000,
+    binary_bytes: 1_800_000,
+    binary_rewrite: 200_000,
+};
+/// Agents per `agent-swarm` process when `--swarms` is not given.
+const AGENTS_PER_PROCESS: usize = 250;
+/// How long the agents may take to connect.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The v1 install: every node fetches 10 MB at once.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(1200);
+/// The measured rollout; the target is 60 s.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(900);
+
+#[derive(Parser)]
+#[command(
+    name = "bench-fleet",
+    about = "Staged rollout of a 10 MB release (1 MB changed) to many real agents: time, coordinator memory and CPU, broker egress."
+)]
+struct Args {
+    /// Agents in the fleet.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// embedded, mosquitto, or both (one after the other).
+    #[arg(long, default_value = "both")]
+    broker: String,
+    /// `agent-swarm` processes the agents are split over (default: one per 250 agents).
+    #[arg(long)]
+    swarms: Option<usize>,
+    /// The measured rollout's waves.
+    #[arg(long, default_value = "1,10%,50%,100%")]
+    waves: String,
+    /// The measured rollout's bake after each wave.
+    #[arg(long, default_value = "2s")]
+    bake: String,
+    /// Extra `rollout start` flags for the measured rollout (e.g. `--max-parallel=100`).
+    #[arg(long = "rollout-arg", allow_hyphen_values = true)]
+    rollout_args: Vec<String>,
+    /// The canary gate's judgment window after the first wave switches (`[canary]
+    /// window_secs` in the releases' release.toml, with no warm-up and the judge's minimum of
+    /// three samples per group): 30 s holds three samples of the canary node at the agent's
+    /// default 10 s metrics interval.
+    #[arg(long, default_value = "30s")]
+    canary_window: String,
+    /// Seed of the generated releases.
+    #[arg(long, default_value_t = 6)]
+    seed: u64,
+    /// Agents each swarm process starts per second.
+    #[arg(long, default_value_t = 100)]
+    start_rate: u32,
+    /// Runtime worker threads per swarm process.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// A flag for every agent's `agent run` (e.g. `--agent-arg=--no-http`); repeatable.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Put the agents' data directories on a tmpfs of this many MB (needs root) instead of
+    /// the disk: every agent then has a disk of its own speed, as nodes do.
+    #[arg(long)]
+    tmpfs_mb: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-fleet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let brokers = match args.broker.as_str() {
+        "embedded" => vec![Broker::Embedded],
+        "mosquitto" => vec![Broker::Mosquitto],
+        "both" => vec![Broker::Embedded, Broker::Mosquitto],
+        other => bail!("--broker {other}: want embedded, mosquitto or both"),
+    };
+    ensure!(args.nodes > 0, "--nodes 0: give the number of agents");
+    let processes = args
+        .swarms
+        .unwrap_or_else(|| args.nodes.div_ceil(AGENTS_PER_PROCESS));
+    ensure!(
+        (1..=args.nodes).contains(&processes),
+        "--swarms {processes}: want 1 to {} processes for {} agents",
+        args.nodes,
+        args.nodes
+    );
+    let bins = Bins::of_this_build().clone();
+    if !bins.agent.parent().is_some_and(|d| d.ends_with("release")) {
+        eprintln!(
+            "warning: not a release build; run with `cargo run --release …` for real figures"
+        );
+    }
+    // Built now rather than when the first fleet is already running.
+    swarm_binary(&bins)?;
+    let work = tempfile::Builder::new().prefix("bench-fleet-").tempdir()?;
+    let canary_window = protocol::parse_duration(&args.canary_window)
+        .with_context(|| format!("--canary-window {}", args.canary_window))?;
+    let releases = Releases::generate(work.path(), args.seed, canary_window)?;
+    let mut runs = Vec::new();
+    for broker in brokers {
+        runs.push(measure(args, &bins, &releases, broker, processes)?);
+    }
+    print_tables(args, &releases, &runs);
+    Ok(())
+}
+
+/// The two releases, and what the measured one costs at best.
+struct Releases {
+    v1: PathBuf,
+    v2: PathBuf,
+    v1_bytes: u64,
+    changes: V2Changes,
+    /// v2's chunks that v1 lacks: what each node must fetch.
+    new_chunks: usize,
+    new_chunk_bytes: u64,
+}
+
+impl Releases {
+    /// Writes v1 and v2, with a release.toml whose `[canary]` judges over `canary_window`
+    /// right after the switch (files only: no `[run]`, nothing to warm up).
+    fn generate(work: &Path, seed: u64, canary_window: Duration) -> Result<Releases> {
+        let (v1, v2) = (work.join("v1"), work.join("v2"));
+        let v1_bytes = write_v1(&v1, seed, &SHAPE)?;
+        let release_toml = v1.join("release.toml");
+        std::fs::write(
+            &release_toml,
+            format!(
+                "[canary]\nwarmup_secs = 0\nwindow_secs = {}\nmin_samples = 3\n",
+                canary_window.as_secs().max(1)
+            ),
+        )
+        .with_context(|| format!("writing {}", release_toml.display()))?;
+        // v2 is a copy of v1 (release.toml included) with the changes.
+        let changes = make_v2(&v1, &v2, &SHAPE, seed)?;
+        // Built locally as the coordinator will, to count v2's new chunks.
+        let store = ChunkStore::open(work.join("store"))?;
+        let build = |src: &Path, version: &str| {
+            build_image(
+                src,
+                AppName::new(APP)?,
+                Version::new(version)?,
+                ReleaseKind::App,
+                &store,
+            )
+            .with_context(|| format!("building {} locally", src.display()))
+        };
+        let (m1, m2) = (build(&v1, "1")?, build(&v2, "2")?);
+        let old: std::collections::HashSet<_> = m1.chunks().map(|c| c.digest).collect();
+        let new = missing_chunks(&m2, |d| old.contains(d));
+        let releases = Releases {
+            v1,
+            v2,
+            v1_bytes,
+            changes,
+            new_chunks: new.len(),
+            new_chunk_bytes: new.iter().map(|c| u64::from(c.zsize)).sum(),
+        };
+        eprintln!(
+            "v1: {}; v2: {}; {} new chunks, {} compressed",
+            mb(releases.v1_bytes),
+            releases.changes,
+            releases.new_chunks,
+            mb(releases.new_chunk_bytes)
+        );
+        Ok(releases)
+    }
+}
+
+/// The figures of one broker's run.
+struct Run {
+    broker: Broker,
+    nodes: usize,
+    processes: usize,
+    online_after: Duration,
+    install: Duration,
+    rollout: Timeline,
+    coordinator_cpu: f64,
+    coordinator_peak_kib: u64,
+    coordinator_run_peak_kib: u64,
+    /// Mosquitto's own CPU seconds and peak memory (the embedded broker is the coordinator's).
+    mosquitto: Option<(f64, u64)>,
+    egress: SentBetween,
+    mosquitto_sys_bytes: Option<u64>,
+    http_chunk_bytes: u64,
+    mqtt_frame_bytes: u64,
+    swarm_cpu: f64,
+    swarm_peak_kib: u64,
+    swarm_threads: u64,
+    swarm_files: usize,
+    /// The first swarm process's most common thread names, with counts.
+    swarm_thread_names: String,
+    reconnects: usize,
+}
+
+fn broker_name(broker: Broker) -> &'static str {
+    match broker {
+        Broker::Embedded => "embedded",
+        Broker::Mosquitto => "Mosquitto",
+    }
+}
+
+fn measure(
+    args: &Args,
+    bins: &Bins,
+    releases: &Releases,
+    broker: Broker,
+    processes: usize,
+) -> Result<Run> {
+    let label = format!("{} broker, {} agents", broker_name(broker), args.nodes);
+    let fleet = Fleet::start_with(broker, bins.clone())?;
+    let coordinator = fleet
+        .coordinator_pid()
+        .context("the coordinator is not running")?;
+    let data = fleet.scratch("swarm")?;
+    let _disk = match args.tmpfs_mb {
+        Some(size) => Some(Tmpfs::mount(&data, size * 1_000_000)?),
+        None => None,
+    };
+    let options = SwarmOptions {
+        nodes: args.nodes,
+        processes,
+        labels: vec![("bench".to_owned(), "fleet".to_owned())],
+        agent_args: args.agent_args.clone(),
+        start_rate: args.start_rate,
+        workers: args.workers,
+        ..SwarmOptions::default()
+    };
+    let started = Instant::now();
+    let mut swarm = Swarm::start(&fleet, &data, &options)?;
+    swarm.wait_online(&fleet, ONLINE_TIMEOUT)?;
+    let online_after = started.elapsed();
+    eprintln!("{label}: all online after {online_after:.1?}");
+
+    for (src, version) in [(&releases.v1, "1"), (&releases.v2, "2")] {
+        let src = src.to_str().context("release path is not UTF-8")?;
+        fleet.cli(&["release", "publish", src, "--app", APP, "--version", version])?;
+    }
+    let started = Instant::now();
+    fleet.cli(&["rollout", "start", "--app", APP, "--version", "1"])?;
+    wait_all_on(&fleet, &mut swarm, "1", INSTALL_TIMEOUT, &label)?;
+    let install = started.elapsed();
+    eprintln!("{label}: v1 installed on every node after {install:.1?}");
+
+    // Before: counters of everything the rollout will cost.
+    let coordinator_run_peak_before = proc_status_kib(coordinator, "VmHWM")?;
+    reset_peak_rss(coordinator)?;
+    let mut sys = match fleet.mosquitto_pid() {
+        Some(pid) => {
+            reset_peak_rss(pid)?;
+            let mut client = TestClient::connect(fleet.mqtt_addr())?;
+            client.subscribe(SYS_BYTES_SENT)?;
+            Some((pid, client))
+        }
+        None => None,
+    };
+    let port = fleet.mqtt_addr().port();
+    for pid in swarm.pids() {
+        reset_peak_rss(pid)?;
+    }
+    let sys_before = sys.as_mut().map(|(_, c)| sys_bytes_sent(c)).transpose()?;
+    let sockets_before = SocketBytes::on_port(port)?;
+    let stats_before = stats(&fleet)?;
+    let cpu_before = cpu_seconds(coordinator)?;
+    let mosquitto_cpu_before = sys.as_ref().map(|(pid, _)| cpu_seconds(*pid)).transpose()?;
+    let swarm_cpu_before = swarm_cpu(&swarm)?;
+    let reconnects_before = reconnects(&swarm)?;
+
+    let rollout = run_rollout(args, &fleet, &mut swarm, &label)?;
+    wait_all_on(&fleet, &mut swarm, "2", Duration::from_secs(30), &label)?;
+
+    // After.
+    let coordinator_cpu = cpu_seconds(coordinator)? - cpu_before;
+    let egress = SocketBytes::on_port(port)?.since(&sockets_before);
+    let stats_after = stats(&fleet)?;
+    let mosquitto = match &sys {
+        Some((pid, _)) => Some((
+            cpu_seconds(*pid)? - mosquitto_cpu_before.unwrap_or(0.0),
+            proc_status_kib(*pid, "VmHWM")?,
+        )),
+        None => None,
+    };
+    let mosquitto_sys_bytes = match (&mut sys, sys_before) {
+        (Some((_, client)), Some(before)) => Some(sys_bytes_sent(client)?.saturating_sub(before)),
+        _ => None,
+    };
+    let coordinator_peak_kib = proc_status_kib(coordinator, "VmHWM")?;
+    let mut swarm_peak_kib = 0;
+    let mut swarm_threads = 0;
+    let mut swarm_files = 0;
+    for pid in swarm.pids() {
+        swarm_peak_kib += proc_status_kib(pid, "VmHWM")?;
+        swarm_threads += proc_status_kib(pid, "Threads")?;
+        swarm_files += std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    }
+    let swarm_thread_names = match swarm.pids().first() {
+        Some(&pid) => {
+            let mut names: Vec<(String, usize)> = thread_names(pid)?.into_iter().collect();
+            names.sort_by(|a, b| b.1.cmp(&a.1));
+            names
+                .iter()
+                .take(4)
+                .map(|(name, n)| format!("{n} × `{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        None => String::new(),
+    };
+    let delta = |field: &str| -> Result<u64> {
+        let get = |v: &serde_json::Value| {
+            v.get(field)
+                .and_then(serde_json::Value::as_u64)
+                .with_context(|| format!("`coordinator stats --json` has no numeric {field}"))
+        };
+        Ok(get(&stats_after)?.saturating_sub(get(&stats_before)?))
+    };
+    Ok(Run {
+        broker,
+        nodes: args.nodes,
+        processes,
+        online_after,
+        install,
+        rollout,
+        coordinator_cpu,
+        coordinator_peak_kib,
+        coordinator_run_peak_kib: coordinator_run_peak_before.max(coordinator_peak_kib),
+        mosquitto,
+        egress,
+        mosquitto_sys_bytes,
+        http_chunk_bytes: delta("http_chunk_bytes")?,
+        mqtt_frame_bytes: delta("mqtt_frame_bytes")?,
+        swarm_cpu: swarm_cpu(&swarm)? - swarm_cpu_before,
+        swarm_peak_kib,
+        swarm_threads,
+        swarm_files,
+        swarm_thread_names,
+        reconnects: reconnects(&swarm)? - reconnects_before,
+    })
+}
+
+const SYS_BYTES_SENT: &str = "$SYS/broker/bytes/sent";
+
+/// Mosquitto's count of bytes sent, at most about a second old: the next value it publishes
+/// (every `sys_interval`, 1 s in the harness's config) after the ones already received.
+fn sys_bytes_sent(client: &mut TestClient) -> Result<u64> {
+    while client
+        .next_message(Duration::ZERO, |m| m.topic == SYS_BYTES_SENT)?
+        .is_some()
+    {}
+    let message = client
+        .next_message(Duration::from_secs(5), |m| m.topic == SYS_BYTES_SENT)?
+        .with_context(|| format!("Mosquitto published no {SYS_BYTES_SENT} within 5 s"))?;
+    let text = String::from_utf8_lossy(&message.payload);
+    text.trim()
+        .parse()
+        .with_context(|| format!("{SYS_BYTES_SENT} is {text:?}, not a number"))
+}
+
+/// CPU seconds of every swarm process so far.
+fn swarm_cpu(swarm: &Swarm) -> Result<f64> {
+    swarm.pids().into_iter().map(cpu_seconds).sum()
+}
+
+/// Broker reconnections the agents logged so far (each agent logs one line per connection
+/// after a failure: `connected to broker after_failures=N` with N > 0).
+fn reconnects(swarm: &Swarm) -> Result<usize> {
+    let mut count = 0;
+    for path in swarm.log_paths() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        count += text
+            .lines()
+            .filter(|l| l.contains("connected to broker") && !l.contains("after_failures=0"))
+            .count();
+    }
+    Ok(count)
+}
+
+/// `coordinator stats --json`, parsed.
+fn stats(fleet: &Fleet) -> Result<serde_json::Value> {
+    let out = fleet.cli(&["stats", "--json"])?;
+    serde_json::from_slice(&out.stdout).context("`coordinator stats --json` printed no JSON")
+}
+
+/// The fields of `nodes --json` this bench reads.
+#[derive(Deserialize)]
+struct NodeRow {
+    node: String,
+    current: Option<SlotReport>,
+}
+
+/// Waits until every agent of the swarm reports `version` as current, per `nodes --json`
+/// (one call per poll: 1,000 `agent status` processes would load the machine measured).
+fn wait_all_on(
+    fleet: &Fleet,
+    swarm: &mut Swarm,
+    version: &str,
+    timeout: Duration,
+    label: &str,
+) -> Result<()> {
+    let want = release(APP, version)?;
+    let total = swarm.nodes().len();
+    let started = Instant::now();
+    let mut last = usize::MAX;
+    let nodes: std::collections::HashSet<String> = swarm.nodes().iter().cloned().collect();
+    wait_until(
+        timeout,
+        format_args!("all {total} agents to run {want}"),
+        || {
+            swarm.check_alive()?;
+            let out = fleet.cli(&["nodes", "--json"])?;
+            let rows: Vec<NodeRow> =
+                serde_json::from_slice(&out.stdout).context("`nodes --json` is not a node list")?;
+            let on = rows
+                .iter()
+                .filter(|r| nodes.contains(&r.node))
+                .filter(|r| r.current.as_ref().is_some_and(|c| c.release == want))
+                .count();
+            if on != last {
+                eprintln!("{label}: {on}/{total} on {want} after {:.1?}", started.elapsed());
+                last = on;
+            }
+            Ok(on == total)
+        },
+    )
+}
+
+/// The measured rollout as it ran: offsets from `rollout start`, as first seen by a poll.
+struct Timeline {
+    total: Duration,
+    waves: Vec<WaveTime>,
+    /// The canary gate's outcome and one-line summary, as the rollout stored them.
+    canary: Option<(String, String)>,
+}
+
+/// One wave's phases, each the first poll that showed it (`None`: passed between two polls,
+/// it then starts when the next one seen does).
+struct WaveTime {
+    /// Nodes the wave adds.
+    nodes: u32,
+    staging: Option<Duration>,
+    switching: Option<Duration>,
+    baking: Option<Duration>,
+    gating: Option<Duration>,
+    passed: Option<Duration>,
+}
+
+impl WaveTime {
+    /// When the wave started: the first of its phases seen.
+    fn started(&self) -> Option<Duration> {
+        [self.staging, self.switching, self.baking, self.gating, self.passed]
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
+    /// Start to passed.
+    fn total(&self) -> Option<Duration> {
+        Some(self.passed?.saturating_sub(self.started()?))
+    }
+
+    /// From the first phase seen of `from` to the first phase seen of `to` (each falls back
+    /// to the next phase seen when a poll missed it).
+    fn span(&self, from: usize, to: usize) -> Option<Duration> {
+        let phases = [self.staging, self.switching, self.baking, self.gating, self.passed];
+        let first_from = |i: usize| phases[i..].iter().flatten().next().copied();
+        Some(first_from(to)?.saturating_sub(first_from(from)?))
+    }
+}
+
+/// The fields of `rollout status ID --json` (the coordinator's `RolloutView`) read here.
+#[derive(Deserialize)]
+struct StatusView {
+    status: String,
+    reason: Option<String>,
+    waves: Vec<WaveView>,
+    canary: Option<CanaryView>,
+}
+
+#[derive(Deserialize)]
+struct WaveView {
+    nodes: u32,
+    phase: String,
+}
+
+#[derive(Deserialize)]
+struct CanaryView {
+    outcome: String,
+    summary: String,
+}
+
+/// Runs the measured rollout of v2 and times its waves from `rollout status` polls.
+fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Result<Timeline> {
+    let mut start: Vec<&str> = vec![
+        "rollout", "start", "--app", APP, "--version", "2", "--waves", &args.waves, "--bake",
+        &args.bake, "--json",
+    ];
+    start.extend(args.rollout_args.iter().map(String::as_str));
+    let started = Instant::now();
+    let out = fleet.cli(&start)?;
+    let response: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`rollout start --json` printed no JSON")?;
+    let id = response
+        .get("rollout")
+        .and_then(serde_json::Value::as_u64)
+        .context("`rollout start --json` names no rollout")?
+        .to_string();
+    let mut waves: Vec<WaveTime> = Vec::new();
+    let mut last_line = String::new();
+    let view = wait_for(
+        ROLLOUT_TIMEOUT,
+        format_args!("rollout {id} to finish"),
+        || {
+            swarm.check_alive()?;
+            let out = fleet.cli(&["rollout", "status", &id, "--json"])?;
+            let at = started.elapsed();
+            let view: StatusView = serde_json::from_slice(&out.stdout)
+                .context("`rollout status --json` is not a rollout")?;
+            if waves.is_empty() {
+                waves = view
+                    .waves
+                    .iter()
+                    .map(|w| WaveTime {
+                        nodes: w.nodes,
+                        staging: None,
+                        switching: None,
+                        baking: None,
+                        gating: None,
+                        passed: None,
+                    })
+                    .collect();
+            }
+            for (time, wave) in waves.iter_mut().zip(&view.waves) {
+                let seen = match wave.phase.as_str() {
+                    "staging" => &mut time.staging,
+                    "switching" => &mut time.switching,
+                    "baking" => &mut time.baking,
+                    "gating" => &mut time.gating,
+                    "passed" | "empty" => &mut time.passed,
+                    _ => continue,
+                };
+                seen.get_or_insert(at);
+            }
+            let line = view
+                .waves
+                .iter()
+                .map(|w| format!("{} {}", w.nodes, w.phase))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if line != last_line {
+                eprintln!("{label}: {:.1?} {} [{line}]", at, view.status);
+                last_line = line;
+            }
+            match view.status.as_str() {
+                "running" => Ok(None),
+                "succeeded" => Ok(Some(view)),
+                other => Err(Fatal(format!(
+                    "rollout {id} {other}: {}",
+                    view.reason.as_deref().unwrap_or("no reason given")
+                ))
+                .into()),
+            }
+        },
+    )?;
+    Ok(Timeline {
+        total: started.elapsed(),
+        waves,
+        canary: view.canary.map(|c| (c.outcome, c.summary)),
+    })
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn opt_secs(d: Option<Duration>) -> String {
+    d.map_or("-".to_owned(), secs)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.0} MiB", kib as f64 / 1024.0)
+}
+
+fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("### Issue 6: fleet scale\n");
+    println!(
+        "`cargo run --release -p system-tests --bin bench-fleet -- --nodes {} --broker {}`: \
+         {} agents (`agent::daemon::run` each, in `agent-swarm` processes) and the coordinator \
+         on one {cores}-core machine. v1 ({}) installed first (not measured); measured: \
+         `rollout start --waves {} --bake {}` of v2 ({}; {} new chunks, {} compressed per node).\n",
+        args.nodes,
+        args.broker,
+        args.nodes,
+        mb(releases.v1_bytes),
+        args.waves,
+        args.bake,
+        releases.changes,
+        releases.new_chunks,
+        mb(releases.new_chunk_bytes),
+    );
+    let waves = runs.iter().map(|r| r.rollout.waves.len()).max().unwrap_or(0);
+    let mut header = "| broker | total".to_owned();
+    for i in 1..=waves {
+        header += &format!(" | wave {i}");
+    }
+    header += " | coordinator peak RSS | coordinator CPU | broker egress |";
+    println!("{header}");
+    println!("{}", "|---".repeat(waves + 5) + "|");
+    for run in runs {
+        let mut row = format!(
+            "| {} | **{}**",
+            broker_name(run.broker),
+            secs(run.rollout.total)
+        );
+        for i in 0..waves {
+            match run.rollout.waves.get(i) {
+                Some(w) => row += &format!(" | {} nodes: {}", w.nodes, opt_secs(w.total())),
+                None => row += " | -",
+            }
+        }
+        row += &format!(
+            " | **{}** | {:.1} s | {} |",
+            mib(run.coordinator_peak_kib),
+            run.coordinator_cpu,
+            mb(run.egress.bytes)
+        );
+        println!("{row}");
+    }
+    println!();
+    println!("| broker | wave | nodes | staging | switching | bake + gates | wave total |");
+    println!("|---|---|---|---|---|---|---|");
+    for run in runs {
+        for (i, w) in run.rollout.waves.iter().enumerate() {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                broker_name(run.broker),
+                i + 1,
+                w.nodes,
+                opt_secs(w.span(0, 1)),
+                opt_secs(w.span(1, 2)),
+                opt_secs(w.span(2, 4)),
+                opt_secs(w.total())
+            );
+        }
+    }
+    println!();
+    println!("| detail | {} |", runs.iter().map(|r| broker_name(r.broker)).collect::<Vec<_>>().join(" | "));
+    println!("{}", "|---".repeat(runs.len() + 1) + "|");
+    let line = |what: &str, cell: &dyn Fn(&Run) -> String| {
+        println!(
+            "| {what} | {} |",
+            runs.iter().map(cell).collect::<Vec<_>>().join(" | ")
+        );
+    };
+    line("agents / swarm processes", &|r| format!("{} / {}", r.nodes, r.processes));
+    line("canary gate", &|r| {
+        r.rollout
+            .canary
+            .as_ref()
+            .map_or("-".to_owned(), |(outcome, summary)| format!("{outcome}: {summary}"))
+    });
+    line("all online after start (not measured)", &|r| secs(r.online_after));
+    line("v1 install, one wave of 100 % (not measured)", &|r| secs(r.install));
+    line("coordinator peak RSS over the whole run, v1 install included", &|r| {
+        mib(r.coordinator_run_peak_kib)
+    });
+    line("broker egress connections at the end / closed during the rollout", &|r| {
+        format!("{} / {}", r.egress.connections, r.egress.closed)
+    });
+    line("Mosquitto `$SYS/broker/bytes/sent` growth", &|r| {
+        r.mosquitto_sys_bytes.map_or("-".to_owned(), mb)
+    });
+    line("Mosquitto CPU / peak RSS", &|r| {
+        r.mosquitto
+            .map_or("-".to_owned(), |(cpu, kib)| format!("{cpu:.1} s / {}", mib(kib)))
+    });
+    line("chunk bytes served over HTTP / as MQTT frames", &|r| {
+        format!("{} / {}", mb(r.http_chunk_bytes), mb(r.mqtt_frame_bytes))
+    });
+    line("ideal chunk bytes (new chunks × nodes)", &|r| {
+        mb(releases.new_chunk_bytes * r.nodes as u64)
+    });
+    line("swarm CPU (all agents)", &|r| format!("{:.1} s", r.swarm_cpu));
+    line("swarm peak RSS, sum / per agent", &|r| {
+        format!(
+            "{} / {:.1} MiB",
+            mib(r.swarm_peak_kib),
+            r.swarm_peak_kib as f64 / 1024.0 / r.nodes as f64
+        )
+    });
+    line("swarm threads / open files at the end", &|r| {
+        format!("{} / {}", r.swarm_threads, r.swarm_files)
+    });
+    line("threads of the first swarm process, by name", &|r| r.swarm_thread_names.clone());
+    line("agent reconnections during the rollout", &|r| r.reconnects.to_string());
+}
