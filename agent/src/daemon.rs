@@ -157,7 +157,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::select! {
-            // Broker traffic: (re)connections, commands and chunk frames.
+            // Broker traffic: (re)connections and losses, commands, chunk frames, metric acks.
             Some(event) = link_rx.recv() => Wake::Link(event),
             // Progress and rejected chunks from the staging task.
             Some(note) = notes_rx.recv() => Wake::Note(note),

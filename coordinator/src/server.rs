@@ -42,7 +42,8 @@ use protocol::{
 use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 
-use self::access::Audit;
+/// The deploy-log entry of an operator request, for every module's API handlers.
+pub(crate) use self::access::Audit;
 use crate::api::{
     ErrorBody, MissingRequest, MissingResponse, NodeRollbackRequest, NodeRollbackResponse,
     NodeView, PublishRequest, PublishResponse, ReleaseView, RollbackSent, StatsView, StoredChunk,

@@ -325,44 +325,44 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn only_hashes_are_stored_and_tokens_survive_a_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("db");
-        let secret = {
-            let db = Db::open(&path).expect("open");
-            let tokens = TokenStore::open(&db).expect("tokens");
-            let (_, secret) = tokens
-                .create("alice", &Identity::admin(), 1)
-                .expect("create");
-            db.flush().await.expect("flush");
-            secret
-        };
-        let db = Db::open(&path).expect("reopen");
-        let tokens = TokenStore::open(&db).expect("tokens");
-        assert_eq!(
-            tokens.resolve(&secret).expect("resolve"),
-            Resolved::Active(Identity("alice".into()))
-        );
-        let raw = secret.as_bytes();
-        let hex_of_raw = hex::decode(&secret).expect("hex secret");
-        for tree in [&tokens.by_name, &tokens.by_hash] {
-            for kv in tree.iter() {
-                let (k, v) = kv.expect("read");
-                for stored in [&k[..], &v[..]] {
-                    for needle in [raw, hex_of_raw.as_slice()] {
-                        assert!(
-                            !stored.windows(needle.len()).any(|w| w == needle),
-                            "the secret is stored in {:?}",
-                            String::from_utf8_lossy(stored)
-                        );
+    #[test]
+    fn only_a_hash_of_the_secret_is_stored() {
+        let (_dir, _db, tokens) = store();
+        let (_, secret) = tokens
+            .create("alice", &Identity::admin(), 1)
+            .expect("create");
+        tokens
+            .revoke("alice", &Identity::admin(), 2)
+            .expect("revoke");
+        let (_, secret2) = tokens
+            .create("alice", &Identity::admin(), 3)
+            .expect("create again");
+        for secret in [&secret, &secret2] {
+            let raw = secret.as_bytes();
+            let decoded = hex::decode(secret).expect("hex secret");
+            for tree in [&tokens.by_name, &tokens.by_hash] {
+                for kv in tree.iter() {
+                    let (k, v) = kv.expect("read");
+                    for stored in [&k[..], &v[..]] {
+                        for needle in [raw, decoded.as_slice()] {
+                            assert!(
+                                !stored.windows(needle.len()).any(|w| w == needle),
+                                "a secret is stored in {:?}",
+                                String::from_utf8_lossy(stored)
+                            );
+                        }
                     }
                 }
             }
         }
         let listed = tokens.list().expect("list");
         assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].hash, hash(&secret).to_hex());
+        assert_eq!(listed[0].hash, hash(&secret2).to_hex());
+        assert_eq!(
+            tokens.by_hash.len(),
+            2,
+            "both hashes are kept, to refuse the old one as revoked"
+        );
     }
 
     #[test]

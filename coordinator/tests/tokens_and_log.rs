@@ -94,8 +94,11 @@ fn slot(version: &str) -> Result<SlotReport> {
     })
 }
 
-/// `(who, action, target, nodes, outcome)` of each entry, in log order; the ids must grow.
-fn log_rows(log: &Value) -> Result<Vec<(String, String, String, String, String)>> {
+/// `(who, action, target, nodes joined by ",", outcome)` of a log entry.
+type Row = (String, String, String, String, String);
+
+/// The rows of each entry, in log order; the ids must grow.
+fn log_rows(log: &Value) -> Result<Vec<Row>> {
     let entries = log.as_array().context("the log is a JSON array")?;
     let ids: Vec<u64> = entries.iter().filter_map(|e| e["id"].as_u64()).collect();
     ensure!(

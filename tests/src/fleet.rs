@@ -601,7 +601,9 @@ impl Fleet {
     /// The PID of the Mosquitto process, while it runs; `None` with the embedded broker
     /// (which runs inside the coordinator).
     pub fn mosquitto_pid(&self) -> Option<u32> {
-        self.mosquitto.as_ref().and_then(|m| m.borrow().proc().pid())
+        self.mosquitto
+            .as_ref()
+            .and_then(|m| m.borrow().proc().pid())
     }
 
     /// The broker's MQTT address.

@@ -111,6 +111,8 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
     let sizes: Vec<usize> = waves.iter().map(BTreeSet::len).collect();
     assert_eq!(sizes, [1, 2, 7], "{started:#}");
 
+    let dbg = fleet.wait_rollout_ended(id, Duration::from_secs(60));
+    if let Err(e) = &dbg { panic!("{e:#}"); }
     // Piped, --watch prints one line per change and exits 0 once the rollout succeeded.
     let watched = fleet.cli(&["rollout", "status", &id.to_string(), "--watch"])?;
     let text = String::from_utf8_lossy(&watched.stdout);

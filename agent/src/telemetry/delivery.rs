@@ -6,6 +6,11 @@
 //! acknowledged within the resend timeout is sent again (the coordinator ignores seqs it has
 //! already dealt with, so a re-send costs bandwidth, never a duplicate).
 //!
+//! A batch that keeps going unacknowledged while the link is up (the coordinator is down
+//! behind a broker that is not) is sent again after a timeout that doubles with each
+//! attempt up to [`MAX_RESEND_AFTER`], so a long backlog does not cost a full batch every
+//! few seconds until the coordinator returns; an ack or a reconnection starts over at once.
+//!
 //! [`Delivery`] sends only while the broker link is up. While it is down nothing is queued
 //! towards the broker at all: the MQTT client would hold every publish in memory until it
 //! reconnects, and then send stale copies of batches the next one repeats anyway. Samples
@@ -20,13 +25,17 @@ use protocol::telemetry::{MetricBatch, Sample, MAX_BATCH_BYTES, MAX_SAMPLES_PER_
 use protocol::NodeId;
 use tokio::time::Instant;
 
-/// How long a batch may go unacknowledged before it is sent again.
+/// How long a batch may go unacknowledged before it is sent again (the first time).
 pub const RESEND_AFTER: Duration = Duration::from_secs(5);
+/// The longest wait between two copies of an unacknowledged batch.
+pub const MAX_RESEND_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct InFlight {
     last_seq: u64,
     sent_at: Instant,
+    /// Copies sent without an ack in between, from 1.
+    attempt: u32,
 }
 
 /// The sender's state: whether the link is up and which batch awaits its acknowledgement.
@@ -70,25 +79,32 @@ impl Delivery {
 
     /// Whether a batch may be sent now (if there is anything to send).
     pub fn may_send(&self, now: Instant) -> bool {
-        self.link_up
-            && self
-                .in_flight
-                .is_none_or(|f| now >= f.sent_at + self.resend_after)
+        self.link_up && self.in_flight.is_none_or(|f| now >= self.due(f))
     }
 
-    /// A batch ending with `last_seq` was handed to the broker connection at `now`.
+    /// A batch ending with `last_seq` was handed to the broker connection at `now`. With a
+    /// batch still in flight, this is another copy of it: the next wait is twice as long.
     pub fn sent(&mut self, last_seq: u64, now: Instant) {
+        let attempt = self.in_flight.map_or(1, |f| f.attempt.saturating_add(1));
         self.in_flight = Some(InFlight {
             last_seq,
             sent_at: now,
+            attempt,
         });
     }
 
     /// When the batch in flight is due to be sent again, if one is.
     pub fn resend_at(&self) -> Option<Instant> {
-        self.in_flight
-            .filter(|_| self.link_up)
-            .map(|f| f.sent_at + self.resend_after)
+        self.in_flight.filter(|_| self.link_up).map(|f| self.due(f))
+    }
+
+    fn due(&self, in_flight: InFlight) -> Instant {
+        let doublings = in_flight.attempt.saturating_sub(1).min(16);
+        let wait = self
+            .resend_after
+            .saturating_mul(1 << doublings)
+            .min(MAX_RESEND_AFTER.max(self.resend_after));
+        in_flight.sent_at + wait
     }
 }
 
@@ -209,6 +225,34 @@ mod tests {
         assert_eq!(d.resend_at(), None);
         d.link_up();
         assert!(d.may_send(t0), "at once after reconnecting");
+    }
+
+    #[test]
+    fn repeated_copies_wait_longer_each_time_until_an_ack_or_a_reconnection() {
+        let t0 = Instant::now();
+        let mut d = Delivery::new(RESEND_AFTER);
+        d.link_up();
+        let mut at = t0;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            d.sent(3, at);
+            let due = d.resend_at().unwrap();
+            waits.push((due - at).as_secs());
+            assert!(!d.may_send(due - Duration::from_millis(1)));
+            assert!(d.may_send(due));
+            at = due;
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        // An ack starts over: the next batch's first wait is the short one.
+        d.acked(3);
+        d.sent(4, at);
+        assert_eq!(d.resend_at(), Some(at + RESEND_AFTER));
+        // So does a reconnection.
+        d.sent(4, at);
+        d.link_down();
+        d.link_up();
+        d.sent(4, at);
+        assert_eq!(d.resend_at(), Some(at + RESEND_AFTER));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! - [`host`]: CPU, memory, load and disk, from one long-lived `sysinfo::System`.
 //! - [`scrape`] and [`prom`]: the app's metrics page, fetched within bounds and parsed.
-//! - [`derive`]: per-interval app values from two consecutive scrapes of one process.
+//! - [`mod@derive`]: per-interval app values from two consecutive scrapes of one process.
 //! - [`buffer`]: the durable, bounded FIFO of unacknowledged samples (a journal tree).
 //! - [`delivery`]: when a batch goes out and what it holds.
 //!
@@ -19,8 +19,8 @@
 //!   the coordinator acknowledges it or, the buffer being full, as the oldest one, counted in
 //!   `dropped_total`;
 //! - samples are sent oldest first, one batch in flight, only while the link is up; a batch
-//!   is sent again after [`delivery::RESEND_AFTER`] without an ack, and at once after a
-//!   reconnection;
+//!   is sent again after [`delivery::RESEND_AFTER`] without an ack (doubling while no ack
+//!   comes, up to [`delivery::MAX_RESEND_AFTER`]), and at once after a reconnection;
 //! - sampling goes on whether or not the broker is reachable;
 //! - the buffer's disk I/O (a flush per sample) runs on the blocking pool: the agent's
 //!   runtime has one thread, which also moves the front door's traffic.

@@ -153,14 +153,14 @@ fn default_metrics() -> BTreeMap<String, MetricSpec> {
     use Direction::{Decrease, Increase};
     // (name, group, bad direction, allowed ratio, expected node spread, critical)
     let table = [
-        (names::APP_ERROR_RATE, "errors", Increase, 1.2, 0.15, true),
-        (names::APP_LATENCY_P99_MS, "latency", Increase, 1.1, 0.07, true),
-        (names::APP_LATENCY_P90_MS, "latency", Increase, 1.15, 0.06, false),
-        (names::APP_LATENCY_P50_MS, "latency", Increase, 1.15, 0.05, false),
+        (names::APP_ERROR_RATE, "errors", Increase, 1.2, 0.13, true),
+        (names::APP_LATENCY_P99_MS, "latency", Increase, 1.1, 0.04, true),
+        (names::APP_LATENCY_P90_MS, "latency", Increase, 1.15, 0.04, false),
+        (names::APP_LATENCY_P50_MS, "latency", Increase, 1.15, 0.04, false),
         (names::APP_REQUEST_RATE, "traffic", Decrease, 0.8, 0.2, false),
         (names::HOST_CPU_PERCENT, "host", Increase, 1.25, 0.2, false),
         (names::HOST_MEM_USED_PERCENT, "host", Increase, 1.25, 0.1, false),
-        (names::HOST_LOAD1, "host", Increase, 1.5, 0.25, false),
+        (names::HOST_LOAD1, "host", Increase, 1.5, 0.2, false),
     ];
     table
         .into_iter()
@@ -205,7 +205,7 @@ impl Default for CanaryConfig {
             min_samples: 10,
             window_secs: 600,
             warmup_secs: 60,
-            node_spread_factor: 2.0,
+            node_spread_factor: 2.75,
             node_spread_prior_df: 4.0,
             groups: default_groups(),
             metrics: default_metrics(),

@@ -442,7 +442,7 @@ fn summarize(
     line
 }
 
-/// `app_error_rate high: canary 0.0075 vs baseline 0.005 (×1.5 > ×1.31 allowed, p = 3.2e-6)`
+/// `app_error_rate high: canary 0.0075 vs baseline 0.005 (×1.5, bound ≤ ×1.31, p = 3.2e-6)`
 fn describe(metric: &MetricJudgment, config: &CanaryConfig) -> String {
     let name = &metric.name;
     match (metric.classification, metric.ratio) {
@@ -451,19 +451,13 @@ fn describe(metric: &MetricJudgment, config: &CanaryConfig) -> String {
             metric.canary_samples, metric.baseline_samples, config.min_samples
         ),
         (classification, Some(ratio)) => {
+            let upper = || metric.upper_bound.map(|b| format!(", bound ≤ ×{}", number(b)));
+            let lower = || metric.lower_bound.map(|b| format!(", bound ≥ ×{}", number(b)));
             let bound = match classification {
-                Classification::High => metric
-                    .upper_bound
-                    .map(|b| format!(" > ×{} allowed", number(b))),
-                Classification::Low => metric
-                    .lower_bound
-                    .map(|b| format!(" < ×{} allowed", number(b))),
-                _ if ratio >= 1.0 => metric
-                    .upper_bound
-                    .map(|b| format!(", allowed ≤ ×{}", number(b))),
-                _ => metric
-                    .lower_bound
-                    .map(|b| format!(", allowed ≥ ×{}", number(b))),
+                Classification::High => upper(),
+                Classification::Low => lower(),
+                _ if ratio >= 1.0 => upper(),
+                _ => lower(),
             };
             format!(
                 "{name} {classification}: canary {} vs baseline {} (×{}{}, p = {})",
@@ -665,7 +659,7 @@ mod tests {
         );
         assert_eq!(
             judgment.summary,
-            "fail: critical app_error_rate high: canary 0.007671 vs baseline 0.005145 (×1.491 > ×1.274 allowed, p = 5.5e-10); score 55.6"
+            "fail: critical app_error_rate high: canary 0.007671 vs baseline 0.005145 (×1.491, bound ≤ ×1.341, p = 5.5e-10); score 55.6"
         );
     }
 
@@ -686,7 +680,7 @@ mod tests {
         assert_eq!(errors.ratio, Some(f64::INFINITY));
         assert_eq!(judgment.verdict, Verdict::Fail);
         assert!(
-            judgment.summary.contains("vs baseline 0 (×inf > ×"),
+            judgment.summary.contains("vs baseline 0 (×inf, bound ≤ ×"),
             "{}",
             judgment.summary
         );
@@ -900,7 +894,7 @@ mod tests {
         assert!(
             judgment
                 .summary
-                .starts_with("marginal: score 62.5 < 75 (pass); worst: app_latency_p50_ms high: canary 30.11 vs baseline 20.08 (×1.499 > ×1.151 allowed, p = 1.4e-14)"),
+                .starts_with("marginal: score 62.5 < 75 (pass); worst: app_latency_p50_ms high: canary 30.11 vs baseline 20.08 (×1.499, bound ≤ ×1.15, p = 1.4e-14)"),
             "{}",
             judgment.summary
         );

@@ -52,7 +52,7 @@ pub(super) fn identify(state: &AppState, header: Option<&str>) -> Result<Identit
 /// The deploy-log entry of one operator request, filled in as the request learns what it
 /// acts on, and written exactly once: by [`Audit::succeeded`] inside the request's save
 /// point, or by [`Audit::finish`] for a request that was refused or failed.
-pub(super) struct Audit {
+pub(crate) struct Audit {
     who: Identity,
     action: &'static str,
     target: String,
@@ -61,7 +61,7 @@ pub(super) struct Audit {
 }
 
 impl Audit {
-    pub(super) fn new(who: Identity, action: &'static str) -> Audit {
+    pub(crate) fn new(who: Identity, action: &'static str) -> Audit {
         Audit {
             who,
             action,
@@ -72,7 +72,7 @@ impl Audit {
     }
 
     /// What the request acts on (`web@2`, a token's name), cut to a sane length.
-    pub(super) fn target(&mut self, target: impl std::fmt::Display) {
+    pub(crate) fn target(&mut self, target: impl std::fmt::Display) {
         let text = target.to_string();
         self.target = if text.chars().count() > MAX_TARGET_CHARS {
             format!(
@@ -84,7 +84,7 @@ impl Audit {
         };
     }
 
-    pub(super) fn nodes(&mut self, nodes: &[NodeId]) {
+    pub(crate) fn nodes(&mut self, nodes: &[NodeId]) {
         self.nodes = nodes.to_vec();
     }
 
@@ -106,7 +106,7 @@ impl Audit {
     /// Appends the entry of a request that did what it asked: outcome `ok: {detail}`. Call it
     /// with the request's own writes, before the flush that makes them durable. Not durable
     /// until [`Db::flush`].
-    pub(super) fn succeeded(&mut self, db: &Db, detail: &str) -> Result<(), DbError> {
+    pub(crate) fn succeeded(&mut self, db: &Db, detail: &str) -> Result<(), DbError> {
         self.append(db, format!("ok: {detail}"))?;
         Ok(())
     }
@@ -115,7 +115,7 @@ impl Audit {
     /// logged is logged here (`refused: …` for a 4xx, `failed: …` otherwise) and flushed
     /// before the error is sent. If that write fails, the error is traced and the request's
     /// own error is still the answer.
-    pub(super) async fn finish<T>(
+    pub(crate) async fn finish<T>(
         mut self,
         db: &Db,
         result: Result<T, ApiError>,

@@ -105,6 +105,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // The log goes to a file that benches search.
+        .with_ansi(false)
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,7 +224,9 @@ async fn swarm(configs: Vec<Config>, start_rate: u32) -> Result<()> {
         while let Some(ended) = agents.join_next().await {
             match ended {
                 Ok((_, Ok(()))) => {}
-                Ok((node, Err(e))) => tracing::warn!(%node, error = %format!("{e:#}"), "agent failed while stopping"),
+                Ok((node, Err(e))) => {
+                    tracing::warn!(%node, error = %format!("{e:#}"), "agent failed while stopping")
+                }
                 Err(e) => tracing::warn!(error = %e, "agent task failed while stopping"),
             }
         }

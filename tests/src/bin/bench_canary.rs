@@ -39,7 +39,7 @@ use std::process::ExitCode;
 use std::thread;
 
 use anyhow::{bail, Context as _, Result};
-use coordinator::canary::{judge, CanaryConfig, GroupSamples, Judgment, Verdict};
+use coordinator::canary::{judge, CanaryConfig, Direction, GroupSamples, Judgment, Verdict};
 use protocol::telemetry::{histogram_quantile, names};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -109,6 +109,19 @@ impl Fleet {
         cpu_percent_per_rps: 0.3,
         mem_used_percent: 45.0,
     };
+
+    /// The same fleet with every node-to-node factor scaled by `scale` (0: identical
+    /// nodes, sampling noise only), for the sensitivity rows.
+    fn with_node_variation(self, scale: f64) -> Fleet {
+        Fleet {
+            node_traffic_sigma: self.node_traffic_sigma * scale,
+            node_error_sigma: self.node_error_sigma * scale,
+            node_latency_sigma: self.node_latency_sigma * scale,
+            node_cpu_sigma: self.node_cpu_sigma * scale,
+            node_mem_sigma: self.node_mem_sigma * scale,
+            ..self
+        }
+    }
 }
 
 /// What the canary's new version changes.
@@ -147,40 +160,7 @@ struct Args {
     seed: u64,
 }
 
-fn sweep() {
-    let base = CanaryConfig::default();
-    let fleet = Fleet::REALISTIC;
-    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
-    let layout: (usize,usize) = (std::env::var("C").ok().and_then(|v| v.parse().ok()).unwrap_or(1), std::env::var("B").ok().and_then(|v| v.parse().ok()).unwrap_or(3));
-    let mut data = Vec::new();
-    for (si, &scenario) in SCENARIOS.iter().enumerate() {
-        let mut v = Vec::new();
-        for run in 0..runs {
-            let mut rng = StdRng::seed_from_u64(splitmix(777 ^ splitmix(run as u64)));
-            v.push(simulate_run(&mut rng, &fleet, layout, scenario, 60));
-        }
-        data.push((si, v));
-    }
-    for d in [2.0, 4.0, 8.0] {
-        for e in [0.12, 0.14, 0.16, 0.18, 0.2] {
-            for p in [0.05, 0.07, 0.09] {
-                let mut c = base.clone();
-                c.node_spread_prior_df = d;
-                c.metrics.get_mut(names::APP_ERROR_RATE).unwrap().expected_node_spread = e;
-                c.metrics.get_mut(names::APP_LATENCY_P99_MS).unwrap().expected_node_spread = p;
-                let mut out = Vec::new();
-                for (si, v) in &data {
-                    let n = v.iter().filter(|(a, b)| { let j = judge(&c, a, b); if *si == 0 { j.verdict != Verdict::Pass } else { j.verdict == Verdict::Fail } }).count();
-                    out.push(100.0 * n as f64 / v.len() as f64);
-                }
-                println!("d {d} err {e} p99 {p}: FA {:.1} err {:.1} p99 {:.1}", out[0], out[1], out[2]);
-            }
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    if std::env::var("SWEEP").is_ok() { sweep(); return ExitCode::SUCCESS; }
     match parse_args().and_then(|args| bench(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -207,112 +187,151 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Verdict counts of one (layout, scenario).
+/// One row of the figures: a fleet, a layout and a scenario.
+#[derive(Clone, Copy)]
+struct Row {
+    fleet_label: &'static str,
+    fleet: Fleet,
+    layout: (usize, usize),
+    scenario: Scenario,
+}
+
+impl Row {
+    fn is_aa(&self) -> bool {
+        self.scenario.error_factor == 1.0 && self.scenario.p99_factor == 1.0
+    }
+}
+
+/// Alarm counts of one row: A/A counts fail or marginal, a detection row counts fail.
 #[derive(Debug, Default, Clone)]
 struct Tally {
     runs: usize,
-    fail: usize,
-    marginal: usize,
-    ratio_fail: usize,
-    /// For alarms of our judge: the metric listed first (the one the summary names).
+    /// Our judge with the defaults.
+    ours: usize,
+    /// Our judge with `node_spread_factor = 0` (no node-to-node guard).
+    without_spread: usize,
+    /// The plain ratio judge.
+    ratio: usize,
+    /// Our judge's alarms by the metric listed first (the one the summary names).
     alarm_metrics: BTreeMap<String, usize>,
-    /// For the ratio judge's failures: every metric outside the band.
-    ratio_metrics: BTreeMap<String, usize>,
 }
 
 impl Tally {
     fn add(&mut self, other: Tally) {
         self.runs += other.runs;
-        self.fail += other.fail;
-        self.marginal += other.marginal;
-        self.ratio_fail += other.ratio_fail;
+        self.ours += other.ours;
+        self.without_spread += other.without_spread;
+        self.ratio += other.ratio;
         for (name, count) in other.alarm_metrics {
             *self.alarm_metrics.entry(name).or_default() += count;
         }
-        for (name, count) in other.ratio_metrics {
-            *self.ratio_metrics.entry(name).or_default() += count;
-        }
     }
 
-    fn record(&mut self, judgment: &Judgment) {
+    fn record(&mut self, aa: bool, ours: &Judgment, without_spread: &Judgment) {
+        let alarm = |judgment: &Judgment| match judgment.verdict {
+            Verdict::Fail => true,
+            Verdict::Marginal => aa,
+            Verdict::Pass => false,
+        };
         self.runs += 1;
-        match judgment.verdict {
-            Verdict::Fail => self.fail += 1,
-            Verdict::Marginal => self.marginal += 1,
-            Verdict::Pass => {}
-        }
-        if judgment.verdict != Verdict::Pass {
-            if let Some(worst) = judgment.metrics.first() {
+        if alarm(ours) {
+            self.ours += 1;
+            if let Some(worst) = ours.metrics.first() {
                 *self.alarm_metrics.entry(worst.name.clone()).or_default() += 1;
             }
         }
-        let outside: Vec<&str> = judgment
-            .metrics
-            .iter()
-            .filter(|m| m.counted)
-            .filter(|m| m.ratio.is_some_and(|r| !(RATIO_BAND.0..=RATIO_BAND.1).contains(&r)))
-            .map(|m| m.name.as_str())
-            .collect();
-        if !outside.is_empty() {
-            self.ratio_fail += 1;
-        }
-        for name in outside {
-            *self.ratio_metrics.entry(name.to_owned()).or_default() += 1;
-        }
+        self.without_spread += usize::from(alarm(without_spread));
+        // Same samples, same means: the plain judge reads our judgment's ratios.
+        let outside = ours.metrics.iter().any(|m| {
+            m.counted
+                && m.ratio
+                    .is_some_and(|r| !(RATIO_BAND.0..=RATIO_BAND.1).contains(&r))
+        });
+        self.ratio += usize::from(outside);
     }
 }
 
 fn bench(args: &Args) -> Result<()> {
     let config = CanaryConfig::default();
-    config.validate().context("the default canary configuration")?;
-    let fleet = Fleet::REALISTIC;
+    config
+        .validate()
+        .context("the default canary configuration")?;
+    let mut without_spread = config.clone();
+    without_spread.node_spread_factor = 0.0;
     let intervals = (config.window_secs as f64 / INTERVAL_SECS).floor() as usize;
     let threads = thread::available_parallelism().map_or(1, |n| n.get());
-    print_parameters(args, &config, &fleet, intervals);
+    print_parameters(args, &config, &Fleet::REALISTIC, intervals);
 
-    let mut results: Vec<((usize, usize), Scenario, Tally)> = Vec::new();
-    for (layout_index, &layout) in LAYOUTS.iter().enumerate() {
-        for &scenario in &SCENARIOS {
-            let started = std::time::Instant::now();
-            let tally = thread::scope(|scope| {
-                let workers: Vec<_> = (0..threads)
-                    .map(|worker| {
-                        let config = &config;
-                        scope.spawn(move || {
-                            let mut tally = Tally::default();
-                            for run in (worker..args.runs).step_by(threads) {
-                                let seed = splitmix(
-                                    args.seed ^ splitmix((layout_index as u64) << 32 | run as u64),
-                                );
-                                let mut rng = StdRng::seed_from_u64(seed);
-                                let (canary, baseline) =
-                                    simulate_run(&mut rng, &fleet, layout, scenario, intervals);
-                                tally.record(&judge(config, &canary, &baseline));
-                            }
-                            tally
-                        })
-                    })
-                    .collect();
-                let mut total = Tally::default();
-                for worker in workers {
-                    // A worker only panics on a bug; re-raise it here.
-                    match worker.join() {
-                        Ok(tally) => total.add(tally),
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
-                }
-                total
+    let mut rows = Vec::new();
+    for layout in LAYOUTS {
+        for scenario in SCENARIOS {
+            rows.push(Row {
+                fleet_label: "realistic",
+                fleet: Fleet::REALISTIC,
+                layout,
+                scenario,
             });
-            eprintln!(
-                "{} vs {}, {}: {} runs in {:.1} s",
-                layout.0,
-                layout.1,
-                scenario.label,
-                tally.runs,
-                started.elapsed().as_secs_f64()
-            );
-            results.push((layout, scenario, tally));
         }
+    }
+    // Sensitivity: the one-node canary on fleets with less and more node-to-node variation.
+    for (fleet_label, scale) in [("identical nodes", 0.0), ("node variation ×2", 2.0)] {
+        for scenario in SCENARIOS {
+            rows.push(Row {
+                fleet_label,
+                fleet: Fleet::REALISTIC.with_node_variation(scale),
+                layout: LAYOUTS[0],
+                scenario,
+            });
+        }
+    }
+
+    let mut results = Vec::new();
+    for row in rows {
+        let started = std::time::Instant::now();
+        let tally = thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|worker| {
+                    let (config, without_spread) = (&config, &without_spread);
+                    scope.spawn(move || {
+                        let mut tally = Tally::default();
+                        for run in (worker..args.runs).step_by(threads) {
+                            // The seed depends on the layout and the run only: scenarios
+                            // and fleets are compared on the same draws.
+                            let key = (row.layout.0 as u64) << 40 | (row.layout.1 as u64) << 32;
+                            let seed = splitmix(args.seed ^ splitmix(key | run as u64));
+                            let mut rng = StdRng::seed_from_u64(seed);
+                            let (canary, baseline) =
+                                simulate_run(&mut rng, &row.fleet, row.layout, row.scenario, intervals);
+                            tally.record(
+                                row.is_aa(),
+                                &judge(config, &canary, &baseline),
+                                &judge(without_spread, &canary, &baseline),
+                            );
+                        }
+                        tally
+                    })
+                })
+                .collect();
+            let mut total = Tally::default();
+            for worker in workers {
+                // A worker only panics on a bug; re-raise it here.
+                match worker.join() {
+                    Ok(tally) => total.add(tally),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            total
+        });
+        eprintln!(
+            "{}, {} vs {}, {}: {} runs in {:.1} s",
+            row.fleet_label,
+            row.layout.0,
+            row.layout.1,
+            row.scenario.label,
+            tally.runs,
+            started.elapsed().as_secs_f64()
+        );
+        results.push((row, tally));
     }
     print_results(&results);
     Ok(())
@@ -322,19 +341,27 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
     println!("## bench-canary");
     println!();
     println!(
-        "{} runs per row, seed {}; window {} s after a {} s warm-up = {intervals} samples per node at the agent's {INTERVAL_SECS} s interval.",
+        "{} runs per row, seed {}; window {} s (after a {} s warm-up) = {intervals} samples per node at the agent's {INTERVAL_SECS} s interval.",
         args.runs, args.seed, config.window_secs, config.warmup_secs
     );
     println!(
-        "Judge: `CanaryConfig::default()`: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}.",
-        config.confidence, config.pass_score, config.marginal_score, config.min_samples, config.node_spread_factor
+        "Judge: `CanaryConfig::default()`: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}, node_spread_prior_df {}.",
+        config.confidence,
+        config.pass_score,
+        config.marginal_score,
+        config.min_samples,
+        config.node_spread_factor,
+        config.node_spread_prior_df
     );
     for (name, spec) in config.enabled_metrics() {
+        let allowed = match spec.direction {
+            Direction::Increase => format!("≤ ×{}", spec.allowed_increase),
+            Direction::Decrease => format!("≥ ×{}", spec.allowed_decrease),
+            Direction::Either => format!("×{}–×{}", spec.allowed_decrease, spec.allowed_increase),
+        };
         println!(
-            "- `{name}`: {:?}, allowed ×{}/×{}, group {} (weight {}){}",
-            spec.direction,
-            spec.allowed_increase,
-            spec.allowed_decrease,
+            "- `{name}`: allowed {allowed}, expected node spread {}, group {} (weight {}){}",
+            spec.expected_node_spread,
             spec.group,
             config.groups.get(&spec.group).copied().unwrap_or(1.0),
             if spec.critical { ", critical" } else { "" }
@@ -342,7 +369,7 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
     }
     println!();
     println!(
-        "Fleet: {} req/s per node (median), {} % 5xx, latency lognormal median {} ms σ {} (sample-app buckets, p50/p90/p99 by histogram_quantile); \
+        "Fleet (realistic): {} req/s per node (median), {} % 5xx, latency lognormal median {} ms σ {} (sample-app buckets, p50/p90/p99 by histogram_quantile); \
          node-to-node σ (log): traffic {}, errors {}, latency {}, CPU {}, memory {}; per interval σ (log): traffic {}, errors {}, latency {}, CPU {}, run queue {}; memory noise {} %; \
          CPU {} % + {} % per req/s; memory {} % used.",
         fleet.request_rate,
@@ -367,37 +394,39 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
     println!();
 }
 
-fn print_results(results: &[((usize, usize), Scenario, Tally)]) {
-    println!("| canary vs baseline nodes | figure | our judge | plain ratio judge [0.8, 1.2] | target |");
-    println!("|---|---|---|---|---|");
-    for ((canary, baseline), scenario, tally) in results {
-        let (figure, ours, target) = if scenario.error_factor == 1.0 && scenario.p99_factor == 1.0 {
-            (
-                "A/A false alarms (fail or marginal)".to_owned(),
-                tally.fail + tally.marginal,
-                "≤ 2 %",
-            )
+fn print_results(results: &[(Row, Tally)]) {
+    println!("| fleet | canary vs baseline nodes | figure | our judge (95 % CI) | without the node-spread guard | plain ratio judge [0.8, 1.2] | target |");
+    println!("|---|---|---|---|---|---|---|");
+    for (row, tally) in results {
+        let (figure, target) = if row.is_aa() {
+            ("A/A false alarms (fail or marginal)".to_owned(), "≤ 2 %")
         } else {
-            (format!("detection (fail), {}", scenario.label), tally.fail, "≥ 95 %")
+            (format!("detection (fail), {}", row.scenario.label), "≥ 95 %")
         };
         println!(
-            "| {canary} vs {baseline} | {figure} | **{}** ({}) | {} | {target} |",
-            percent(ours, tally.runs),
-            wilson(ours, tally.runs),
-            percent(tally.ratio_fail, tally.runs),
+            "| {} | {} vs {} | {figure} | **{}** ({}) | {} | {} | {target} |",
+            row.fleet_label,
+            row.layout.0,
+            row.layout.1,
+            percent(tally.ours, tally.runs),
+            wilson(tally.ours, tally.runs),
+            percent(tally.without_spread, tally.runs),
+            percent(tally.ratio, tally.runs),
         );
     }
     println!();
-    println!("Which metric each alarm named first (our judge; the ratio judge: every metric outside the band):");
+    println!("The metric our judge's alarms named first:");
     println!();
-    println!("| canary vs baseline nodes | scenario | our judge's alarms | ratio judge's breaches |");
+    println!("| fleet | canary vs baseline nodes | scenario | alarms by metric |");
     println!("|---|---|---|---|");
-    for ((canary, baseline), scenario, tally) in results {
+    for (row, tally) in results {
         println!(
-            "| {canary} vs {baseline} | {} | {} | {} |",
-            scenario.label,
-            breakdown(&tally.alarm_metrics),
-            breakdown(&tally.ratio_metrics)
+            "| {} | {} vs {} | {} | {} |",
+            row.fleet_label,
+            row.layout.0,
+            row.layout.1,
+            row.scenario.label,
+            breakdown(&tally.alarm_metrics)
         );
     }
 }

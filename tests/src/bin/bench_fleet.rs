@@ -65,7 +65,7 @@ const ONLINE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The v1 install: every node fetches 10 MB at once.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(1200);
 /// The measured rollout; the target is 60 s.
-const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(900);
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Parser)]
 #[command(
@@ -291,7 +291,15 @@ fn measure(
 
     for (src, version) in [(&releases.v1, "1"), (&releases.v2, "2")] {
         let src = src.to_str().context("release path is not UTF-8")?;
-        fleet.cli(&["release", "publish", src, "--app", APP, "--version", version])?;
+        fleet.cli(&[
+            "release",
+            "publish",
+            src,
+            "--app",
+            APP,
+            "--version",
+            version,
+        ])?;
     }
     let started = Instant::now();
     fleet.cli(&["rollout", "start", "--app", APP, "--version", "1"])?;
@@ -353,7 +361,7 @@ fn measure(
     let swarm_thread_names = match swarm.pids().first() {
         Some(&pid) => {
             let mut names: Vec<(String, usize)> = thread_names(pid)?.into_iter().collect();
-            names.sort_by(|a, b| b.1.cmp(&a.1));
+            names.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
             names
                 .iter()
                 .take(4)
@@ -474,7 +482,10 @@ fn wait_all_on(
                 .filter(|r| r.current.as_ref().is_some_and(|c| c.release == want))
                 .count();
             if on != last {
-                eprintln!("{label}: {on}/{total} on {want} after {:.1?}", started.elapsed());
+                eprintln!(
+                    "{label}: {on}/{total} on {want} after {:.1?}",
+                    started.elapsed()
+                );
                 last = on;
             }
             Ok(on == total)
@@ -505,10 +516,16 @@ struct WaveTime {
 impl WaveTime {
     /// When the wave started: the first of its phases seen.
     fn started(&self) -> Option<Duration> {
-        [self.staging, self.switching, self.baking, self.gating, self.passed]
-            .into_iter()
-            .flatten()
-            .next()
+        [
+            self.staging,
+            self.switching,
+            self.baking,
+            self.gating,
+            self.passed,
+        ]
+        .into_iter()
+        .flatten()
+        .next()
     }
 
     /// Start to passed.
@@ -519,7 +536,13 @@ impl WaveTime {
     /// From the first phase seen of `from` to the first phase seen of `to` (each falls back
     /// to the next phase seen when a poll missed it).
     fn span(&self, from: usize, to: usize) -> Option<Duration> {
-        let phases = [self.staging, self.switching, self.baking, self.gating, self.passed];
+        let phases = [
+            self.staging,
+            self.switching,
+            self.baking,
+            self.gating,
+            self.passed,
+        ];
         let first_from = |i: usize| phases[i..].iter().flatten().next().copied();
         Some(first_from(to)?.saturating_sub(first_from(from)?))
     }
@@ -549,8 +572,17 @@ struct CanaryView {
 /// Runs the measured rollout of v2 and times its waves from `rollout status` polls.
 fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Result<Timeline> {
     let mut start: Vec<&str> = vec![
-        "rollout", "start", "--app", APP, "--version", "2", "--waves", &args.waves, "--bake",
-        &args.bake, "--json",
+        "rollout",
+        "start",
+        "--app",
+        APP,
+        "--version",
+        "2",
+        "--waves",
+        &args.waves,
+        "--bake",
+        &args.bake,
+        "--json",
     ];
     start.extend(args.rollout_args.iter().map(String::as_str));
     let started = Instant::now();
@@ -656,7 +688,11 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         releases.new_chunks,
         mb(releases.new_chunk_bytes),
     );
-    let waves = runs.iter().map(|r| r.rollout.waves.len()).max().unwrap_or(0);
+    let waves = runs
+        .iter()
+        .map(|r| r.rollout.waves.len())
+        .max()
+        .unwrap_or(0);
     let mut header = "| broker | total".to_owned();
     for i in 1..=waves {
         header += &format!(" | wave {i}");
@@ -702,7 +738,13 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         }
     }
     println!();
-    println!("| detail | {} |", runs.iter().map(|r| broker_name(r.broker)).collect::<Vec<_>>().join(" | "));
+    println!(
+        "| detail | {} |",
+        runs.iter()
+            .map(|r| broker_name(r.broker))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     println!("{}", "|---".repeat(runs.len() + 1) + "|");
     let line = |what: &str, cell: &dyn Fn(&Run) -> String| {
         println!(
@@ -710,27 +752,38 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
             runs.iter().map(cell).collect::<Vec<_>>().join(" | ")
         );
     };
-    line("agents / swarm processes", &|r| format!("{} / {}", r.nodes, r.processes));
+    line("agents / swarm processes", &|r| {
+        format!("{} / {}", r.nodes, r.processes)
+    });
     line("canary gate", &|r| {
         r.rollout
             .canary
             .as_ref()
-            .map_or("-".to_owned(), |(outcome, summary)| format!("{outcome}: {summary}"))
+            .map_or("-".to_owned(), |(outcome, summary)| {
+                format!("{outcome}: {summary}")
+            })
     });
-    line("all online after start (not measured)", &|r| secs(r.online_after));
-    line("v1 install, one wave of 100 % (not measured)", &|r| secs(r.install));
-    line("coordinator peak RSS over the whole run, v1 install included", &|r| {
-        mib(r.coordinator_run_peak_kib)
+    line("all online after start (not measured)", &|r| {
+        secs(r.online_after)
     });
-    line("broker egress connections at the end / closed during the rollout", &|r| {
-        format!("{} / {}", r.egress.connections, r.egress.closed)
+    line("v1 install, one wave of 100 % (not measured)", &|r| {
+        secs(r.install)
     });
+    line(
+        "coordinator peak RSS over the whole run, v1 install included",
+        &|r| mib(r.coordinator_run_peak_kib),
+    );
+    line(
+        "broker egress connections at the end / closed during the rollout",
+        &|r| format!("{} / {}", r.egress.connections, r.egress.closed),
+    );
     line("Mosquitto `$SYS/broker/bytes/sent` growth", &|r| {
         r.mosquitto_sys_bytes.map_or("-".to_owned(), mb)
     });
     line("Mosquitto CPU / peak RSS", &|r| {
-        r.mosquitto
-            .map_or("-".to_owned(), |(cpu, kib)| format!("{cpu:.1} s / {}", mib(kib)))
+        r.mosquitto.map_or("-".to_owned(), |(cpu, kib)| {
+            format!("{cpu:.1} s / {}", mib(kib))
+        })
     });
     line("chunk bytes served over HTTP / as MQTT frames", &|r| {
         format!("{} / {}", mb(r.http_chunk_bytes), mb(r.mqtt_frame_bytes))
@@ -738,7 +791,9 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
     line("ideal chunk bytes (new chunks × nodes)", &|r| {
         mb(releases.new_chunk_bytes * r.nodes as u64)
     });
-    line("swarm CPU (all agents)", &|r| format!("{:.1} s", r.swarm_cpu));
+    line("swarm CPU (all agents)", &|r| {
+        format!("{:.1} s", r.swarm_cpu)
+    });
     line("swarm peak RSS, sum / per agent", &|r| {
         format!(
             "{} / {:.1} MiB",
@@ -749,6 +804,10 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
     line("swarm threads / open files at the end", &|r| {
         format!("{} / {}", r.swarm_threads, r.swarm_files)
     });
-    line("threads of the first swarm process, by name", &|r| r.swarm_thread_names.clone());
-    line("agent reconnections during the rollout", &|r| r.reconnects.to_string());
+    line("threads of the first swarm process, by name", &|r| {
+        r.swarm_thread_names.clone()
+    });
+    line("agent reconnections during the rollout", &|r| {
+        r.reconnects.to_string()
+    });
 }

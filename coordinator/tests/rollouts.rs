@@ -1,0 +1,139 @@
+//! Rollout requests the coordinator refuses before anything starts (a release that does not
+//! exist, no node reported, a selection that matches nothing, waves that do not add up, a
+//! second rollout for nodes a running one holds), each with its reason, nothing written
+//! but the deploy-log entry of the refusal; and the first wave's stage commands of one it
+//! accepts.
+
+mod common;
+
+use anyhow::{Context as _, Result};
+use protocol::messages::Action;
+use protocol::{NodeId, NodeTopic, Topics};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use common::{
+    node_state, open_command, publish, release_tree, reporting_node_with, start, trust, Running,
+};
+
+async fn start_rollout(running: &Running, body: Value) -> Result<(StatusCode, Value)> {
+    running.post_json("/api/rollouts", &body).await
+}
+
+fn error(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_starts() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    coordinator::keys::keygen(&dir.path().join("keys"))?;
+    let trust = trust(dir.path())?;
+    let src = release_tree(dir.path())?;
+    let running = start(dir.path()).await?;
+    publish(&running, &src, "1", &[]).await?;
+
+    let (status, body) = start_rollout(&running, json!({"app": "web", "version": "1"})).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error(&body).starts_with("no nodes have reported yet"), "{body}");
+
+    let topics = Topics::default();
+    let mut nodes = Vec::new();
+    for (id, region) in [("n1", "eu"), ("n2", "eu"), ("n3", "us")] {
+        let node = NodeId::new(id)?;
+        let mut state = node_state(&node);
+        state.labels = [("region".to_owned(), region.to_owned())].into();
+        let topic = topics.node(&node, NodeTopic::Command);
+        nodes.push((topic.clone(), reporting_node_with(&running, &[topic], state).await?));
+    }
+
+    let refusals = [
+        (
+            json!({"app": "web", "version": "9"}),
+            StatusCode::NOT_FOUND,
+            "release web@9 does not exist; publish it first",
+        ),
+        (
+            json!({"app": "web", "version": "1", "select": {"region": "mars", "ring": "canary"}}),
+            StatusCode::CONFLICT,
+            "no node matches the selection region=mars,ring=canary: region=mars matches no node (region has: eu, us); ring=canary matches no node (no node has the label ring)",
+        ),
+        (
+            json!({"app": "web", "version": "1", "plan": {"waves": ["1", "50%"]}}),
+            StatusCode::BAD_REQUEST,
+            "the last wave is 50%, not 100%",
+        ),
+        (
+            json!({"app": "web", "version": "1", "plan": {"waves": ["30%", "10%", "100%"]}}),
+            StatusCode::BAD_REQUEST,
+            "waves must increase: 10% comes after 30%",
+        ),
+        (
+            json!({"app": "web", "version": "1", "select": {"region": "eu"}, "plan": {"waves": ["5", "100%"]}}),
+            StatusCode::BAD_REQUEST,
+            "wave 1 asks for 5 nodes but the selection has 2",
+        ),
+        (
+            json!({"app": "web", "version": "1", "plan": {"wave": ["100%"]}}),
+            StatusCode::BAD_REQUEST,
+            "unknown field `wave`",
+        ),
+    ];
+    for (request, expected_status, expected) in &refusals {
+        let (status, body) = start_rollout(&running, request.clone()).await?;
+        assert_eq!(status, *expected_status, "{request}: {body}");
+        assert!(error(&body).contains(expected), "{request}: {body}");
+    }
+    assert_eq!(running.get_json("/api/rollouts").await?, json!([]));
+
+    // One running rollout per node: the second, for all nodes, names the first and its nodes.
+    let (status, first) = start_rollout(
+        &running,
+        json!({"app": "web", "version": "1", "select": {"region": "eu"}}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["nodes"], json!(["n1", "n2"]), "{first}");
+    let (status, body) = start_rollout(&running, json!({"app": "web", "version": "1"})).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        error(&body).starts_with("rollout 1 (web@1, running) holds n1, n2;"),
+        "{body}"
+    );
+    // Nodes it does not hold are free.
+    let (status, other) = start_rollout(
+        &running,
+        json!({"app": "web", "version": "1", "select": {"region": "us"}}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{other}");
+
+    // The accepted ones sent their first (and only) wave a stage command, nothing else.
+    for (topic, node) in &mut nodes {
+        let (command, manifest) = open_command(&node.next_on(topic).await?.payload, &trust)?;
+        assert!(
+            matches!(command.action, Action::Stage { .. }),
+            "{:?}",
+            command.action
+        );
+        assert_eq!(manifest.release_id().to_string(), "web@1");
+    }
+
+    // Every refusal is in the deploy log, by whom and why.
+    let log = running.get_json("/api/log").await?;
+    let refused: Vec<&Value> = log
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter(|e| e["action"] == "rollout start")
+        .filter(|e| {
+            e["outcome"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("refused: "))
+        })
+        .collect();
+    assert_eq!(refused.len(), refusals.len() + 2, "{log:#}");
+    assert!(refused.iter().all(|e| e["who"] == "admin"), "{log:#}");
+    running.stop().await
+}
