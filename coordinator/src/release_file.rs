@@ -227,7 +227,9 @@ listen = "0.0.0.0:8080"
         );
         let error = parse_str("[deploy]\nwaves = 3\n").expect_err("refused");
         assert!(
-            error.contains("deploy: unknown field `deploy`, expected one of `run`, `rollout`, `canary`"),
+            error.contains(
+                "deploy: unknown field `deploy`, expected one of `run`, `rollout`, `canary`"
+            ),
             "{error}"
         );
     }

@@ -183,6 +183,8 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// Resolves the presented token to its [`Identity`] (`access::identify`) and hands it to the
+/// handler as an extension; anything else is answered here (401 with what to do).
 async fn require_token(State(state): State<Shared>, mut request: Request, next: Next) -> Response {
     let header = request
         .headers()
@@ -458,7 +460,9 @@ async fn publish(
     }
     if let Some(canary) = &canary {
         canary.validate().map_err(|e| {
-            ApiError::bad_request(format!("release {id}: its [canary] section is not valid: {e}"))
+            ApiError::bad_request(format!(
+                "release {id}: its [canary] section is not valid: {e}"
+            ))
         })?;
     }
     let mut info = release::summarize(&manifest, &sealed, mirrors.clone(), unix_now());

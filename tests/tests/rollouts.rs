@@ -99,9 +99,13 @@ fn everyone_on_v1(fleet: &Fleet, bytes: u64) -> Result<()> {
 #[test]
 fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node_once(
 ) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let (fleet, _agents) = fleet_of_ten(Broker::Embedded, AgentOptions::default())?;
+    eprintln!("TIMING fleet {:?}", t0.elapsed());
     everyone_on_v1(&fleet, 200_000)?;
+    eprintln!("TIMING v1 {:?}", t0.elapsed());
     publish_files(&fleet, "2", 200_000)?;
+    eprintln!("TIMING publish {:?}", t0.elapsed());
     let web2 = release("web", "2")?;
 
     let mut events = fleet.watch_events()?;
@@ -111,11 +115,11 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
     let sizes: Vec<usize> = waves.iter().map(BTreeSet::len).collect();
     assert_eq!(sizes, [1, 2, 7], "{started:#}");
 
-    let dbg = fleet.wait_rollout_ended(id, Duration::from_secs(60));
-    if let Err(e) = &dbg { panic!("{e:#}"); }
     // Piped, --watch prints one line per change and exits 0 once the rollout succeeded.
     let watched = fleet.cli(&["rollout", "status", &id.to_string(), "--watch"])?;
+    eprintln!("TIMING watched {:?}", t0.elapsed());
     let text = String::from_utf8_lossy(&watched.stdout);
+    eprintln!("{text}");
     let last = text.lines().last().unwrap_or_default();
     assert!(last.contains(&format!("rollout {id} succeeded")), "{text}");
     for wave in 1..=3 {
@@ -151,6 +155,7 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
         log[3]
     );
 
+    eprintln!("TIMING log {:?}", t0.elapsed());
     // The nodes' own events: each switched to web@2 once, staged before it switched, and no
     // wave began staging before the wave before it had switched.
     events.drain(QUIET)?;

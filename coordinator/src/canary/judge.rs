@@ -8,24 +8,31 @@
 //! 3. **The effect**: the ratio of the canary mean to the baseline mean. A zero baseline
 //!    mean gives `+∞` for a positive canary mean (not "no data", as in Kayenta) and 1 for a
 //!    zero one; for a negative baseline mean the ratio is `1 + (canary − baseline)/|baseline|`.
-//! 4. **The bounds**: the metric's allowed increase and decrease, widened by the node-to-node
-//!    spread (below). High: increases are bad, the test is significant and the ratio is above
-//!    the upper bound. Low: the mirror image. Otherwise pass.
+//! 4. **The bounds**: the ratio must clear two bars to count: the metric's allowed ratio
+//!    (the smallest change worth failing a canary for) and what node-to-node variation
+//!    alone produces (below): `upper = max(allowed_increase, w)`, `lower =
+//!    min(allowed_decrease, 1/w)`. High: increases are bad, the test is significant and the
+//!    ratio is above `upper`. Low: the mirror image. Otherwise pass.
 //!
-//! **Why the bounds widen with the node-to-node spread.** The samples of one node are not
-//! independent of each other: a node has its own hardware, neighbours and clients, so its
-//! mean differs from another node's by more than its samples' noise says. With hundreds of
-//! samples the U test declares almost any two nodes different, and a one-node canary that
-//! differs from the baseline nodes only as much as they differ among themselves would fail.
-//! So the effect rule compares node means, as a two-sample comparison of per-node means
-//! would: `s` is the pooled relative standard deviation of per-node means (each node mean
-//! divided by its group's mean of node means; degrees of freedom pooled over both groups,
-//! nodes with at least two values), and the standard error of the canary/baseline ratio
-//! is `s·√(1/k_c + 1/k_b)` for `k_c` canary and `k_b` baseline nodes. The bounds are
-//! `allowed_increase · w` and `allowed_decrease / w` with `w = 1 + node_spread_factor · s ·
-//! √(1/k_c + 1/k_b)`. The spread includes each node mean's sampling noise, which is what
-//! a fixed ratio bound ignores for sparse metrics. With a single node on each side no
-//! spread can be measured and the allowed ratios stand alone.
+//! **Why node-to-node variation sets a bound.** The samples of one node are not independent
+//! of each other: a node has its own hardware, neighbours and clients, so its mean differs
+//! from another node's by more than its samples' noise says. With sixty samples a node the
+//! U test declares almost any two nodes different, and a one-node canary that differs from
+//! the baseline nodes only as much as they differ among themselves would fail. So the
+//! effect is also judged the way a comparison of per-node means would judge it:
+//! - `s_obs`: the pooled relative standard deviation of per-node means (each node mean
+//!   divided by its group's mean of node means; `nodes − 1` degrees of freedom per group,
+//!   nodes with at least two values), measured over both groups. It includes each node
+//!   mean's sampling noise, which a fixed ratio bound ignores for sparse metrics.
+//! - Three baseline nodes give `s_obs` two degrees of freedom: far too few to trust alone
+//!   (one time in ten it is under a third of the truth). So it is pooled with the metric's
+//!   `expected_node_spread` `s₀`, weighted as `node_spread_prior_df` degrees of freedom:
+//!   `s² = (d₀·s₀² + d·s_obs²)/(d₀ + d)` (the moderated variance of empirical-Bayes tests).
+//!   With one node a side nothing is measured and `s = s₀`; with many nodes the measurement
+//!   dominates.
+//! - `w = 1 + node_spread_factor · s · √(1/k_c + 1/k_b)` for `k_c` canary and `k_b` baseline
+//!   nodes: the ratio must exceed that many standard errors of the canary/baseline ratio
+//!   under node-to-node variation. More nodes per group, tighter bound.
 //!
 //! **Score and verdict.** A metric counts if it was judged, or has no data under
 //! `no_data = "fail"` (then it counts as failing). Per group, the share of counted metrics
@@ -134,7 +141,8 @@ pub struct MetricJudgment {
     /// Canary mean / baseline mean (see the module doc for a zero baseline).
     #[serde(with = "extended_float", default)]
     pub ratio: Option<f64>,
-    /// The bounds the ratio was held to after widening; `None` for a side that is not bad.
+    /// The bounds the ratio was held to (allowed ratio or node-spread bound, whichever is
+    /// wider); `None` for a side that is not bad.
     #[serde(with = "extended_float", default)]
     pub lower_bound: Option<f64>,
     #[serde(with = "extended_float", default)]
@@ -150,7 +158,8 @@ pub struct MetricJudgment {
     /// The Mann–Whitney two-sided p-value.
     #[serde(with = "extended_float", default)]
     pub p_value: Option<f64>,
-    /// Pooled relative standard deviation of per-node means; `None` with one node a side.
+    /// The measured relative standard deviation of per-node means (before pooling with the
+    /// expected spread); `None` with one node a side.
     #[serde(with = "extended_float", default)]
     pub node_spread: Option<f64>,
 }
@@ -311,14 +320,14 @@ fn judge_metric(
     } else {
         0.0
     };
-    let widening = 1.0
+    let node_bound = 1.0
         + config.node_spread_factor
             * spread
             * (1.0 / canary.len() as f64 + 1.0 / baseline.len() as f64).sqrt();
     let judges_increase = matches!(spec.direction, Direction::Increase | Direction::Either);
     let judges_decrease = matches!(spec.direction, Direction::Decrease | Direction::Either);
-    let upper = judges_increase.then_some(spec.allowed_increase.max(widening));
-    let lower = judges_decrease.then_some(spec.allowed_decrease.min(1.0 / widening));
+    let upper = judges_increase.then_some(spec.allowed_increase.max(node_bound));
+    let lower = judges_decrease.then_some(spec.allowed_decrease.min(1.0 / node_bound));
     let significant = test.p_value < 1.0 - config.confidence;
     judgment.classification = match (upper, lower) {
         (Some(upper), _) if significant && ratio > upper => Classification::High,
@@ -451,8 +460,16 @@ fn describe(metric: &MetricJudgment, config: &CanaryConfig) -> String {
             metric.canary_samples, metric.baseline_samples, config.min_samples
         ),
         (classification, Some(ratio)) => {
-            let upper = || metric.upper_bound.map(|b| format!(", bound ≤ ×{}", number(b)));
-            let lower = || metric.lower_bound.map(|b| format!(", bound ≥ ×{}", number(b)));
+            let upper = || {
+                metric
+                    .upper_bound
+                    .map(|b| format!(", bound ≤ ×{}", number(b)))
+            };
+            let lower = || {
+                metric
+                    .lower_bound
+                    .map(|b| format!(", bound ≥ ×{}", number(b)))
+            };
             let bound = match classification {
                 Classification::High => upper(),
                 Classification::Low => lower(),
@@ -757,7 +774,7 @@ mod tests {
             judgment.summary
         );
         assert_eq!(judgment.verdict, Verdict::Pass);
-        // Without the widening the same canary fails: the rule is what saves it.
+        // Without the node-spread bound the same canary fails: that rule is what saves it.
         let mut strict = config.clone();
         strict.node_spread_factor = 0.0;
         let judgment = judge(&strict, &canary, &baseline);
@@ -905,16 +922,20 @@ mod tests {
         assert!(judgment
             .summary
             .starts_with("fail: score 37.5 < 50 (marginal); worst: "));
-        // Hottest first: CPU ×2 is further beyond its bound than p50 ×1.5.
+        // Hottest first, measured against each bound: p50 at ×1.5 of a ×1.15 bound is
+        // further out than CPU at ×2 of a bound near ×1.6 (CPU's nodes usually differ more).
         let order: Vec<&str> = judgment.metrics.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             order,
             [
-                names::HOST_CPU_PERCENT,
                 names::APP_LATENCY_P50_MS,
+                names::HOST_CPU_PERCENT,
                 names::APP_LATENCY_P90_MS
             ]
         );
+        let cpu = metric(&judgment, names::HOST_CPU_PERCENT);
+        let bound = cpu.upper_bound.expect("upper");
+        assert!((1.5..1.7).contains(&bound), "{bound}");
     }
 
     #[test]

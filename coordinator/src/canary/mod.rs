@@ -10,9 +10,9 @@
 //!
 //! What it improves on Kayenta's judge (see `shared/CANARY.md`): a zero baseline mean gives
 //! an infinite ratio instead of "no data"; a change counts only when it is both significant
-//! and beyond the bound, and the ratio shown is the one that decided; bounds widen by the
-//! measured node-to-node spread, so a one-node canary is not failed for being an ordinary
-//! node; every number that decided is in the result. Its measured false-alarm and
+//! and beyond the bound, and the ratio shown is the one that decided; the bound also covers
+//! node-to-node variation (measured, pooled with an expected spread), so a one-node canary
+//! is not failed for being an ordinary node; every number that decided is in the result. Its measured false-alarm and
 //! detection rates are in the README (`bench-canary`).
 //!
 //! **Invariant**: nothing here does I/O or reads a clock. The caller (the rollout) chooses

@@ -252,6 +252,8 @@ pub struct Driver {
     loaded: BTreeMap<u64, Loaded>,
     /// Signed manifests by release, for stage and deploy commands.
     manifests: HashMap<ReleaseId, Envelope>,
+    /// The fleet targets: the latest succeeded rollout of each selection (all loaded).
+    targets: BTreeSet<u64>,
 }
 
 impl Driver {
@@ -272,6 +274,7 @@ impl Driver {
             fleet,
             loaded: BTreeMap::new(),
             manifests: HashMap::new(),
+            targets: BTreeSet::new(),
         };
         // Reports the main loop observed before the driver ran are in the mailbox too.
         driver.merge();
@@ -304,7 +307,8 @@ impl Driver {
     }
 
     /// Loads the latest succeeded rollout of each selection (newest first, at most
-    /// [`MAX_TARGETS`]) and unloads rollouts that no longer need the driver.
+    /// [`MAX_TARGETS`]): the fleet targets. A loaded rollout's status is newer than its
+    /// stored head's.
     fn retarget(&mut self) -> Result<(), DbError> {
         let mut seen: Vec<Selector> = Vec::new();
         let mut targets = BTreeSet::new();
@@ -312,7 +316,11 @@ impl Driver {
             if seen.len() >= MAX_TARGETS {
                 break;
             }
-            if head.status == Status::Succeeded && !seen.contains(&head.selector) {
+            let status = self
+                .loaded
+                .get(&head.id)
+                .map_or(head.status, |l| l.rollout.status());
+            if status == Status::Succeeded && !seen.contains(&head.selector) {
                 seen.push(head.selector.clone());
                 targets.insert(head.id);
             }
@@ -320,10 +328,20 @@ impl Driver {
         for &id in &targets {
             self.load(id)?;
         }
-        self.loaded.retain(|id, l| {
-            targets.contains(id) || l.rollout.needs_tick() || !l.rollout.dirty_free()
-        });
+        self.targets = targets;
         Ok(())
+    }
+
+    /// Drops rollouts that no longer need the driver (not running, nothing in flight, not a
+    /// fleet target, everything stored). Only after a save point.
+    fn unload_idle(&mut self) {
+        let targets = &self.targets;
+        self.loaded.retain(|id, l| {
+            targets.contains(id)
+                || l.rollout.needs_tick()
+                || !l.rollout.dirty_free()
+                || head_bytes(&l.rollout) != l.stored_head
+        });
     }
 
     /// After a restart: each running (or rolling-back) rollout's node records against the
@@ -424,7 +442,9 @@ impl Driver {
         }
         if let Err(error) = self.carry_out(work).await {
             tracing::error!(%error, "cannot store a rollout step; retrying at the next tick");
+            return;
         }
+        self.unload_idle();
     }
 
     async fn decide(&mut self, work: &mut Work) -> Result<(), DbError> {
@@ -503,14 +523,16 @@ impl Driver {
         if active {
             return None;
         }
-        self.loaded
+        self.targets
             .iter()
             .rev()
-            .find(|(_, l)| {
-                l.rollout.status() == Status::Succeeded
-                    && l.rollout.head().selector.matches(&observed.labels)
+            .copied()
+            .find(|id| {
+                self.loaded.get(id).is_some_and(|l| {
+                    l.rollout.status() == Status::Succeeded
+                        && l.rollout.head().selector.matches(&observed.labels)
+                })
             })
-            .map(|(&id, _)| id)
     }
 
     /// A node appeared or came back: it gets its fleet target if it does not run it.

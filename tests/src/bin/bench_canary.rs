@@ -28,9 +28,16 @@
 //!   by 30 % and leaves the median alone (the lognormal's σ grows by ln 1.3 / z₀.₉₉).
 //!   Runs of the same index share their seed across scenarios (paired comparisons).
 //!
-//! **Figures**: A/A false alarms (verdict fail or marginal); detection (verdict fail). The
-//! plain ratio judge fails a canary when any metric our judge judged has a canary/baseline
-//! mean ratio outside [0.8, 1.2].
+//! **Figures**, per fleet, layout and scenario over `--runs` runs: A/A false alarms (verdict
+//! fail or marginal) and detection (verdict fail) of
+//! - our judge with `CanaryConfig::default()`;
+//! - the same without its node-to-node bound (`node_spread_factor = 0`), to show what that
+//!   rule buys and costs;
+//! - a plain ratio judge that fails a canary when any metric our judge judged has a
+//!   canary/baseline mean ratio outside [0.8, 1.2] (same samples, same means).
+//!
+//! Rows: the realistic fleet for each layout, then the one-node canary on the same fleet
+//! with identical nodes and with twice the node-to-node variation (sensitivity).
 //!
 //! Prints the parameters and markdown tables on stdout, progress on stderr.
 
@@ -171,7 +178,10 @@ fn main() -> ExitCode {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { runs: 1000, seed: 1 };
+    let mut args = Args {
+        runs: 1000,
+        seed: 1,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -300,8 +310,13 @@ fn bench(args: &Args) -> Result<()> {
                             let key = (row.layout.0 as u64) << 40 | (row.layout.1 as u64) << 32;
                             let seed = splitmix(args.seed ^ splitmix(key | run as u64));
                             let mut rng = StdRng::seed_from_u64(seed);
-                            let (canary, baseline) =
-                                simulate_run(&mut rng, &row.fleet, row.layout, row.scenario, intervals);
+                            let (canary, baseline) = simulate_run(
+                                &mut rng,
+                                &row.fleet,
+                                row.layout,
+                                row.scenario,
+                                intervals,
+                            );
                             tally.record(
                                 row.is_aa(),
                                 &judge(config, &canary, &baseline),
@@ -401,7 +416,10 @@ fn print_results(results: &[(Row, Tally)]) {
         let (figure, target) = if row.is_aa() {
             ("A/A false alarms (fail or marginal)".to_owned(), "≤ 2 %")
         } else {
-            (format!("detection (fail), {}", row.scenario.label), "≥ 95 %")
+            (
+                format!("detection (fail), {}", row.scenario.label),
+                "≥ 95 %",
+            )
         };
         println!(
             "| {} | {} vs {} | {figure} | **{}** ({}) | {} | {} | {target} |",
@@ -492,7 +510,9 @@ fn simulate_run(
 ) -> (GroupSamples, GroupSamples) {
     let (mut canary, mut baseline) = (GroupSamples::new(), GroupSamples::new());
     // Node factors first, so that a scenario changes nothing but the canary's behaviour.
-    let nodes: Vec<Node> = (0..layout.0 + layout.1).map(|_| Node::draw(rng, fleet)).collect();
+    let nodes: Vec<Node> = (0..layout.0 + layout.1)
+        .map(|_| Node::draw(rng, fleet))
+        .collect();
     for (index, node) in nodes.iter().enumerate() {
         let (group, effect) = if index < layout.0 {
             (&mut canary, scenario)
@@ -562,7 +582,8 @@ fn simulate_node(
                 (0.9, names::APP_LATENCY_P90_MS),
                 (0.99, names::APP_LATENCY_P99_MS),
             ] {
-                if let Some(seconds) = histogram_quantile(&LATENCY_BUCKETS, &cumulative, requests, q)
+                if let Some(seconds) =
+                    histogram_quantile(&LATENCY_BUCKETS, &cumulative, requests, q)
                 {
                     put(name, seconds * 1000.0);
                 }
