@@ -13,7 +13,7 @@ use anyhow::{ensure, Context as _, Result};
 use protocol::NodeId;
 use serde_json::Value;
 use system_tests::{
-    change_tree, copy_tree, release, write_tree, Agent, AgentOptions, AppRelease, Broker, Fleet,
+    release, write_tree, Agent, AgentOptions, AppRelease, Broker, Fleet,
 };
 
 const NODES: [&str; 10] = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
@@ -99,13 +99,9 @@ fn everyone_on_v1(fleet: &Fleet, bytes: u64) -> Result<()> {
 #[test]
 fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node_once(
 ) -> Result<()> {
-    let t0 = std::time::Instant::now();
     let (fleet, _agents) = fleet_of_ten(Broker::Embedded, AgentOptions::default())?;
-    eprintln!("TIMING fleet {:?}", t0.elapsed());
     everyone_on_v1(&fleet, 200_000)?;
-    eprintln!("TIMING v1 {:?}", t0.elapsed());
     publish_files(&fleet, "2", 200_000)?;
-    eprintln!("TIMING publish {:?}", t0.elapsed());
     let web2 = release("web", "2")?;
 
     let mut events = fleet.watch_events()?;
@@ -117,9 +113,7 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
 
     // Piped, --watch prints one line per change and exits 0 once the rollout succeeded.
     let watched = fleet.cli(&["rollout", "status", &id.to_string(), "--watch"])?;
-    eprintln!("TIMING watched {:?}", t0.elapsed());
     let text = String::from_utf8_lossy(&watched.stdout);
-    eprintln!("{text}");
     let last = text.lines().last().unwrap_or_default();
     assert!(last.contains(&format!("rollout {id} succeeded")), "{text}");
     for wave in 1..=3 {
@@ -155,7 +149,6 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
         log[3]
     );
 
-    eprintln!("TIMING log {:?}", t0.elapsed());
     // The nodes' own events: each switched to web@2 once, staged before it switched, and no
     // wave began staging before the wave before it had switched.
     events.drain(QUIET)?;
@@ -320,12 +313,7 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     everyone_on_v1(&fleet, 100_000)?;
 
     // Pause: the canary stages, but no deploy goes out while paused.
-    let src1 = fleet.scratch("web-1")?;
-    let src2 = fleet.scratch("web-2-src")?;
-    copy_tree(&src1, &src2)?;
-    change_tree(&src2, 2)?;
-    write_tree(&src2.join("more"), 22, 2_500_000)?;
-    fleet.publish(&src2, "web", "2")?;
+    publish_files(&fleet, "2", 2_500_000)?;
     let (id, started) = fleet.rollout_with("web", "2", &["--waves", "1,100%", "--bake", "1s"])?;
     fleet.cli(&["rollout", "pause", &id.to_string()])?;
     let canary = waves(&started)[0].iter().next().context("a canary")?.clone();
