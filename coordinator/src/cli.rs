@@ -473,9 +473,26 @@ mod tests {
     #[test]
     fn rollout_start_takes_the_plan_flags() {
         let cli = Cli::try_parse_from([
-            "coordinator", "rollout", "start", "--app", "web", "--version", "2", "--select",
-            "region=eu", "--waves", "1,30%,100%", "--bake", "2s", "--window", "22:00-06:00",
-            "--window", "12:00-13:00", "--offline", "fail", "--no-auto-rollback",
+            "coordinator",
+            "rollout",
+            "start",
+            "--app",
+            "web",
+            "--version",
+            "2",
+            "--select",
+            "region=eu",
+            "--waves",
+            "1,30%,100%",
+            "--bake",
+            "2s",
+            "--window",
+            "22:00-06:00",
+            "--window",
+            "12:00-13:00",
+            "--offline",
+            "fail",
+            "--no-auto-rollback",
         ])
         .expect("parses");
         let Command::Rollout {
@@ -487,7 +504,18 @@ mod tests {
         assert_eq!(args.windows.len(), 2);
         assert_eq!(args.offline.as_deref(), Some("fail"));
         assert!(args.no_auto_rollback);
-        assert!(Cli::try_parse_from(["coordinator", "rollout", "start", "--app", "w", "--version", "1", "--offline", "maybe"]).is_err());
+        assert!(Cli::try_parse_from([
+            "coordinator",
+            "rollout",
+            "start",
+            "--app",
+            "w",
+            "--version",
+            "1",
+            "--offline",
+            "maybe"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["coordinator", "rollout", "status", "3", "--watch"]).is_ok());
         assert!(Cli::try_parse_from(["coordinator", "canary", "report", "3", "--json"]).is_ok());
     }

@@ -359,7 +359,6 @@ impl Db {
         }
         Ok(entries)
     }
-
 }
 
 fn node_key(key: &[u8]) -> Result<NodeId, DbError> {

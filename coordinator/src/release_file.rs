@@ -283,10 +283,14 @@ listen = "0.0.0.0:8080"
             error.starts_with("SRC/release.toml: rollout: the last wave is 5%, not 100%"),
             "{error}"
         );
-        let error = parse_str("[rollout]\nwaves = [\"1\", \"x%\", \"100%\"]\n").expect_err("refused");
+        let error =
+            parse_str("[rollout]\nwaves = [\"1\", \"x%\", \"100%\"]\n").expect_err("refused");
         assert!(error.contains("rollout.waves[1]: invalid wave"), "{error}");
         let error = parse_str("[rollout]\nbak = \"2m\"\n").expect_err("refused");
-        assert!(error.contains("rollout.bak: unknown field `bak`"), "{error}");
+        assert!(
+            error.contains("rollout.bak: unknown field `bak`"),
+            "{error}"
+        );
     }
 
     #[test]

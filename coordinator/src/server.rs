@@ -36,9 +36,7 @@ use ed25519_dalek::SigningKey;
 use images::{ChunkStore, StoreError};
 use protocol::format::{self, FORMAT_VERSION};
 use protocol::messages::Command;
-use protocol::{
-    ChunkRef, Digest, Envelope, Manifest, NodeId, ReleaseId, Signed as _,
-};
+use protocol::{ChunkRef, Digest, Envelope, Manifest, NodeId, ReleaseId, Signed as _};
 use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 
@@ -455,7 +453,9 @@ async fn publish(
     }
     if let Some(defaults) = &rollout {
         defaults.check().map_err(|e| {
-            ApiError::bad_request(format!("release {id}: its [rollout] defaults are not valid: {e}"))
+            ApiError::bad_request(format!(
+                "release {id}: its [rollout] defaults are not valid: {e}"
+            ))
         })?;
     }
     if let Some(canary) = &canary {

@@ -25,8 +25,7 @@ fn error(body: &Value) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_starts() -> Result<()>
-{
+async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_starts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     coordinator::keys::keygen(&dir.path().join("keys"))?;
     let trust = trust(dir.path())?;
@@ -36,7 +35,10 @@ async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_star
 
     let (status, body) = start_rollout(&running, json!({"app": "web", "version": "1"})).await?;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(error(&body).starts_with("no nodes have reported yet"), "{body}");
+    assert!(
+        error(&body).starts_with("no nodes have reported yet"),
+        "{body}"
+    );
 
     let topics = Topics::default();
     let mut nodes = Vec::new();
@@ -45,7 +47,10 @@ async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_star
         let mut state = node_state(&node);
         state.labels = [("region".to_owned(), region.to_owned())].into();
         let topic = topics.node(&node, NodeTopic::Command);
-        nodes.push((topic.clone(), reporting_node_with(&running, &[topic], state).await?));
+        nodes.push((
+            topic.clone(),
+            reporting_node_with(&running, &[topic], state).await?,
+        ));
     }
 
     let refusals = [
@@ -136,4 +141,100 @@ async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_star
     assert_eq!(refused.len(), refusals.len() + 2, "{log:#}");
     assert!(refused.iter().all(|e| e["who"] == "admin"), "{log:#}");
     running.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_first_reports_after_a_rollout_succeeded_gets_its_release_once() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    coordinator::keys::keygen(&dir.path().join("keys"))?;
+    let trust = trust(dir.path())?;
+    let src = release_tree(dir.path())?;
+    let running = start(dir.path()).await?;
+    publish(&running, &src, "1", &[]).await?;
+    let topics = Topics::default();
+
+    // n1 takes the release the way an agent does: staged, then switched.
+    let n1 = NodeId::new("n1")?;
+    let n1_topic = topics.node(&n1, NodeTopic::Command);
+    let mut node1 = reporting_node_with(
+        &running,
+        std::slice::from_ref(&n1_topic),
+        node_state(&n1),
+    )
+    .await?;
+    let (status, _) = start_rollout(&running, json!({"app": "web", "version": "1"})).await?;
+    assert_eq!(status, StatusCode::CREATED);
+    let (stage, manifest) = open_command(&node1.next_on(&n1_topic).await?.payload, &trust)?;
+    let staged = common::staged_state(node_state(&n1), &stage, &manifest);
+    node1.report_state(&staged).await?;
+    let (deploy, _) = open_command(&node1.next_on(&n1_topic).await?.payload, &trust)?;
+    assert!(matches!(deploy.action, Action::Deploy { .. }));
+    node1.report_state(&running_state(staged, deploy.seq, &manifest)).await?;
+    wait_rollout(&running, 1, |r| r["status"] == "succeeded").await?;
+
+    // n2 appears afterwards: the rollout's release is the fleet target, sent once.
+    let n2 = NodeId::new("n2")?;
+    let n2_topic = topics.node(&n2, NodeTopic::Command);
+    let mut node2 = reporting_node_with(
+        &running,
+        std::slice::from_ref(&n2_topic),
+        node_state(&n2),
+    )
+    .await?;
+    let (late, _) = open_command(&node2.next_on(&n2_topic).await?.payload, &trust)?;
+    assert!(
+        matches!(late.action, Action::Deploy { .. }),
+        "a late node is deployed directly: {:?}",
+        late.action
+    );
+    assert!(late.seq > deploy.seq);
+    node2
+        .report_state(&running_state(node_state(&n2), late.seq, &manifest))
+        .await?;
+    let rollout = wait_rollout(&running, 1, |r| r["late"]["switched"] == 1).await?;
+    assert_eq!(rollout["status"], "succeeded", "{rollout}");
+    let log = running.get_json("/api/log").await?;
+    let entry = log
+        .as_array()
+        .context("a list")?
+        .iter()
+        .find(|e| e["action"] == "fleet target")
+        .with_context(|| format!("no fleet-target entry: {log:#}"))?;
+    assert_eq!(entry["nodes"], json!(["n2"]), "{entry}");
+    assert_eq!(entry["who"], "coordinator");
+    assert_eq!(entry["target"], "rollout 1");
+    running.stop().await
+}
+
+/// `state` once the node runs the manifest's release, having accepted command `seq`.
+fn running_state(
+    mut state: protocol::messages::NodeState,
+    seq: u64,
+    manifest: &protocol::Manifest,
+) -> protocol::messages::NodeState {
+    state.last_seq = seq;
+    state.staged = None;
+    state.current = Some(protocol::messages::SlotReport {
+        release: manifest.release_id(),
+        manifest_digest: protocol::Digest::of(b"current"),
+        slot_dir: "slots/current".into(),
+    });
+    state
+}
+
+/// Polls `GET /api/rollouts/{id}` until `ready` holds.
+async fn wait_rollout(running: &Running, id: u64, ready: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let rollout = running.get_json(&format!("/api/rollouts/{id}")).await?;
+        if ready(&rollout) {
+            return Ok(rollout);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "rollout {id} never got there: {rollout:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

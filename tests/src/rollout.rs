@@ -52,18 +52,14 @@ impl Fleet {
         ready: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
         let mut last = Value::Null;
-        let found = self.wait_for(
-            timeout,
-            format_args!("rollout {id}: {what}"),
-            || {
-                let status = self.rollout_status(id)?;
-                if ready(&status) {
-                    return Ok(Some(status));
-                }
-                last = status;
-                Ok(None)
-            },
-        );
+        let found = self.wait_for(timeout, format_args!("rollout {id}: {what}"), || {
+            let status = self.rollout_status(id)?;
+            if ready(&status) {
+                return Ok(Some(status));
+            }
+            last = status;
+            Ok(None)
+        });
         found.with_context(|| format!("the last status of rollout {id}: {last:#}"))
     }
 

@@ -254,10 +254,11 @@ fn an_operator_rollback_returns_to_a_warm_or_a_stopped_previous_version_without_
         current_version(&state),
         previous_version(&state)
     );
-    n.fleet
-        .wait_until(SWITCH, "the version rolled back from to stop after its grace", || {
-            Ok(pids_in(&v2_slot)?.is_empty())
-        })?;
+    n.fleet.wait_until(
+        SWITCH,
+        "the version rolled back from to stop after its grace",
+        || Ok(pids_in(&v2_slot)?.is_empty()),
+    )?;
     check_coordinator_sees_rollback(&n, "1")?;
 
     // Back to version 2, which no longer runs: started from its slot, then the flip.

@@ -12,9 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _, Result};
 use protocol::NodeId;
 use serde_json::Value;
-use system_tests::{
-    release, write_tree, Agent, AgentOptions, AppRelease, Broker, Fleet,
-};
+use system_tests::{release, write_tree, Agent, AgentOptions, AppRelease, Broker, Fleet};
 
 const NODES: [&str; 10] = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
 /// A whole rollout of a small release to ten local agents.
@@ -91,14 +89,17 @@ fn everyone_on_v1(fleet: &Fleet, bytes: u64) -> Result<()> {
     fleet.rollout("web", "1")?;
     fleet.wait_all_on("web", "1", ROLLOUT)?;
     let first = fleet.wait_rollout_ended(1, ROLLOUT)?;
-    ensure!(first["status"] == "succeeded", "the first rollout: {first:#}");
+    ensure!(
+        first["status"] == "succeeded",
+        "the first rollout: {first:#}"
+    );
     ensure!(first["waves"].as_array().map(Vec::len) == Some(1));
     Ok(())
 }
 
 #[test]
-fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node_once(
-) -> Result<()> {
+fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node_once() -> Result<()>
+{
     let (fleet, _agents) = fleet_of_ten(Broker::Embedded, AgentOptions::default())?;
     everyone_on_v1(&fleet, 200_000)?;
     publish_files(&fleet, "2", 200_000)?;
@@ -134,7 +135,10 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
     expected.push("rollout done".to_owned());
     assert_eq!(actions(&log), expected, "{log:#?}");
     assert_eq!(log[0]["who"], "admin");
-    assert!(log[1..].iter().all(|e| e["who"] == "coordinator"), "{log:#?}");
+    assert!(
+        log[1..].iter().all(|e| e["who"] == "coordinator"),
+        "{log:#?}"
+    );
     let switched: Vec<BTreeSet<String>> = log
         .iter()
         .filter(|e| e["action"] == "wave switched")
@@ -147,6 +151,30 @@ fn ten_nodes_in_waves_of_1_30pct_and_100pct_stage_then_switch_in_order_each_node
             .is_some_and(|o| o.contains("canary")),
         "the first wave's gates include the canary: {:#}",
         log[3]
+    );
+
+    // The canary report shows the gate's stored judgment: the canary against the rest.
+    let out = fleet.cli(&["canary", "report", &id.to_string(), "--json"])?;
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["live"], false, "{report:#}");
+    // Skipped only if the agents sent no metrics at all (see TEST_CANARY).
+    let outcome = report["outcome"].as_str().unwrap_or_default().to_owned();
+    assert!(matches!(outcome.as_str(), "pass" | "skipped"), "{report:#}");
+    let canary: BTreeSet<String> = strings(&report["canary_nodes"]).into_iter().collect();
+    assert_eq!(canary, waves[0], "{report:#}");
+    assert_eq!(
+        strings(&report["baseline_nodes"]).len(),
+        9,
+        "the nodes still on web@1: {report:#}"
+    );
+    let text = fleet.cli(&["canary", "report", &id.to_string()])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "rollout {id} web@2 canary: {}",
+            outcome.to_uppercase()
+        )),
+        "{text}"
     );
 
     // The nodes' own events: each switched to web@2 once, staged before it switched, and no
@@ -232,7 +260,12 @@ fn a_release_whose_canary_fails_stops_after_the_first_wave_and_the_canary_goes_b
         if a.node().as_str() != canary {
             let state = a.status()?;
             assert_eq!(version_of(a)?.as_deref(), Some("1"), "{}", a.node());
-            assert!(state.staged.is_none(), "{} staged {:?}", a.node(), state.staged);
+            assert!(
+                state.staged.is_none(),
+                "{} staged {:?}",
+                a.node(),
+                state.staged
+            );
         }
     }
     let log = fleet.rollout_log(id)?;
@@ -252,7 +285,11 @@ fn a_release_whose_canary_fails_stops_after_the_first_wave_and_the_canary_goes_b
         1,
         "only the first wave staged: {actions:?}"
     );
-    assert_eq!(actions.last().map(String::as_str), Some("gate failed"), "{actions:?}");
+    assert_eq!(
+        actions.last().map(String::as_str),
+        Some("gate failed"),
+        "{actions:?}"
+    );
     Ok(())
 }
 
@@ -296,7 +333,10 @@ fn a_coordinator_killed_mid_wave_finishes_the_rollout_after_a_restart_switching_
         .map(|e| strings(&e["nodes"]).into_iter().collect())
         .collect();
     assert_eq!(switched, waves, "{log:#?}");
-    assert_eq!(actions(&log).last().map(String::as_str), Some("rollout done"));
+    assert_eq!(
+        actions(&log).last().map(String::as_str),
+        Some("rollout done")
+    );
     Ok(())
 }
 
@@ -316,7 +356,11 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     publish_files(&fleet, "2", 2_500_000)?;
     let (id, started) = fleet.rollout_with("web", "2", &["--waves", "1,100%", "--bake", "1s"])?;
     fleet.cli(&["rollout", "pause", &id.to_string()])?;
-    let canary = waves(&started)[0].iter().next().context("a canary")?.clone();
+    let canary = waves(&started)[0]
+        .iter()
+        .next()
+        .context("a canary")?
+        .clone();
     let paused = fleet.wait_rollout(id, ROLLOUT, "the paused canary to be staged", |s| {
         s["nodes"]
             .as_array()
@@ -335,7 +379,11 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     // Abort mid-bake: the canary keeps web@3, every other node keeps web@2, nothing more.
     publish_files(&fleet, "3", 100_000)?;
     let (id, started) = fleet.rollout_with("web", "3", &["--waves", "1,100%", "--bake", "1h"])?;
-    let canary = waves(&started)[0].iter().next().context("a canary")?.clone();
+    let canary = waves(&started)[0]
+        .iter()
+        .next()
+        .context("a canary")?
+        .clone();
     fleet.wait_rollout(id, ROLLOUT, "the first wave to bake", |s| {
         s["waves"][0]["phase"] == "baking"
     })?;
@@ -344,7 +392,11 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     assert_eq!(aborted["status"], "aborted", "{aborted:#}");
     assert_eq!(aborted["waves"][1]["counts"]["pending"], 9, "{aborted:#}");
     for a in &agents {
-        let want = if a.node().as_str() == canary { "3" } else { "2" };
+        let want = if a.node().as_str() == canary {
+            "3"
+        } else {
+            "2"
+        };
         assert_eq!(version_of(a)?.as_deref(), Some(want), "{}", a.node());
     }
     let log = fleet.rollout_log(id)?;
@@ -370,9 +422,11 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     let by_hand = first[0].clone();
     fleet.cli(&["node", "rollback", &by_hand])?;
     let hand_agent = agent(&agents, &by_hand)?;
-    fleet.wait_until(ROLLOUT, "the node rolled back by hand to leave web@4", || {
-        Ok(version_of(hand_agent)? == before[&by_hand])
-    })?;
+    fleet.wait_until(
+        ROLLOUT,
+        "the node rolled back by hand to leave web@4",
+        || Ok(version_of(hand_agent)? == before[&by_hand]),
+    )?;
     fleet.wait_rollout(id, ROLLOUT, "the rollout to leave that node alone", |s| {
         s["nodes"]
             .as_array()
@@ -384,9 +438,11 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     assert_eq!(rolled["status"], "rolled_back", "{rolled:#}");
     for node in &first {
         let a = agent(&agents, node)?;
-        fleet.wait_until(ROLLOUT, format_args!("{node} to be back on its version"), || {
-            Ok(version_of(a)? == before[node])
-        })?;
+        fleet.wait_until(
+            ROLLOUT,
+            format_args!("{node} to be back on its version"),
+            || Ok(version_of(a)? == before[node]),
+        )?;
     }
     let status = fleet.wait_rollout(id, ROLLOUT, "the rollbacks to be reported", |s| {
         s["total"]["rolled_back"] == 2

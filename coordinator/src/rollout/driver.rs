@@ -523,16 +523,12 @@ impl Driver {
         if active {
             return None;
         }
-        self.targets
-            .iter()
-            .rev()
-            .copied()
-            .find(|id| {
-                self.loaded.get(id).is_some_and(|l| {
-                    l.rollout.status() == Status::Succeeded
-                        && l.rollout.head().selector.matches(&observed.labels)
-                })
+        self.targets.iter().rev().copied().find(|id| {
+            self.loaded.get(id).is_some_and(|l| {
+                l.rollout.status() == Status::Succeeded
+                    && l.rollout.head().selector.matches(&observed.labels)
             })
+        })
     }
 
     /// A node appeared or came back: it gets its fleet target if it does not run it.

@@ -446,7 +446,8 @@ pub struct Head {
     /// Nodes that got the release as the fleet target after success, by phase.
     #[serde(default)]
     pub late: Counts,
-    /// Nodes switching or rolling back (a stopped rollout keeps watching them).
+    /// Nodes switching, rolling back or still to be rolled back (a stopped rollout keeps
+    /// watching them).
     #[serde(default)]
     pub in_flight: u32,
 }
@@ -663,7 +664,13 @@ impl Rollout {
         for wave in &self.head.waves {
             all.add(&wave.counts);
         }
-        self.head.in_flight = all.switching + all.rolling_back;
+        // A rolled-back rollout still has to send back the nodes it switched.
+        let to_roll_back = if self.head.status == Status::RolledBack {
+            all.switched
+        } else {
+            0
+        };
+        self.head.in_flight = all.switching + all.rolling_back + to_roll_back;
     }
 
     /// Records the seq the driver gave an order's command.
@@ -1167,6 +1174,7 @@ impl Rollout {
         self.head.reason = Some(reason);
         self.head.finished_at = Some(now);
         self.head.paused_for_canary = false;
+        self.recount();
         for wave in &mut self.head.waves {
             if matches!(
                 wave.phase,

@@ -604,7 +604,9 @@ fn an_operator_rollback_sends_back_only_what_the_rollout_switched() {
     );
     let line = r.rollback("alice", sim.now).expect("rolls back");
     assert_eq!(line.nodes.len(), 3);
+    assert!(r.needs_tick(), "the rollbacks are still to be sent");
     sim.run(&mut r, 3);
+    assert!(!r.needs_tick(), "everything sent back and reported");
     for n in ["n0", "n1", "n2"] {
         assert_eq!(r.node(&id(n)).map(|p| p.phase), Some(NodePhase::RolledBack));
         assert_eq!(sim.fleet[&id(n)].current, Some(web("1")));
