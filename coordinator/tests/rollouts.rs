@@ -144,8 +144,7 @@ async fn a_rollout_that_cannot_start_is_refused_with_its_reason_and_nothing_star
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_first_reports_after_a_rollout_succeeded_gets_its_release_once() -> Result<()>
-{
+async fn a_node_that_first_reports_after_a_rollout_succeeded_gets_its_release_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     coordinator::keys::keygen(&dir.path().join("keys"))?;
     let trust = trust(dir.path())?;
@@ -157,12 +156,8 @@ async fn a_node_that_first_reports_after_a_rollout_succeeded_gets_its_release_on
     // n1 takes the release the way an agent does: staged, then switched.
     let n1 = NodeId::new("n1")?;
     let n1_topic = topics.node(&n1, NodeTopic::Command);
-    let mut node1 = reporting_node_with(
-        &running,
-        std::slice::from_ref(&n1_topic),
-        node_state(&n1),
-    )
-    .await?;
+    let mut node1 =
+        reporting_node_with(&running, std::slice::from_ref(&n1_topic), node_state(&n1)).await?;
     let (status, _) = start_rollout(&running, json!({"app": "web", "version": "1"})).await?;
     assert_eq!(status, StatusCode::CREATED);
     let (stage, manifest) = open_command(&node1.next_on(&n1_topic).await?.payload, &trust)?;
@@ -170,18 +165,16 @@ async fn a_node_that_first_reports_after_a_rollout_succeeded_gets_its_release_on
     node1.report_state(&staged).await?;
     let (deploy, _) = open_command(&node1.next_on(&n1_topic).await?.payload, &trust)?;
     assert!(matches!(deploy.action, Action::Deploy { .. }));
-    node1.report_state(&running_state(staged, deploy.seq, &manifest)).await?;
+    node1
+        .report_state(&running_state(staged, deploy.seq, &manifest))
+        .await?;
     wait_rollout(&running, 1, |r| r["status"] == "succeeded").await?;
 
     // n2 appears afterwards: the rollout's release is the fleet target, sent once.
     let n2 = NodeId::new("n2")?;
     let n2_topic = topics.node(&n2, NodeTopic::Command);
-    let mut node2 = reporting_node_with(
-        &running,
-        std::slice::from_ref(&n2_topic),
-        node_state(&n2),
-    )
-    .await?;
+    let mut node2 =
+        reporting_node_with(&running, std::slice::from_ref(&n2_topic), node_state(&n2)).await?;
     let (late, _) = open_command(&node2.next_on(&n2_topic).await?.payload, &trust)?;
     assert!(
         matches!(late.action, Action::Deploy { .. }),
