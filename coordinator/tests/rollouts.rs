@@ -1,8 +1,9 @@
 //! Rollout requests the coordinator refuses before anything starts (a release that does not
 //! exist, no node reported, a selection that matches nothing, waves that do not add up, a
 //! second rollout for nodes a running one holds), each with its reason, nothing written
-//! but the deploy-log entry of the refusal; and the first wave's stage commands of one it
-//! accepts.
+//! but the deploy-log entry of the refusal; the first wave's stage commands of one it
+//! accepts; and a node that first reports after a rollout succeeded getting its release
+//! (the fleet target) once.
 
 mod common;
 

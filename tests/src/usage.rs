@@ -1,8 +1,8 @@
 //! What a process or a listener has cost so far, read from the kernel: CPU seconds
 //! (`/proc/PID/stat`), peak resident memory (`VmHWM`, see
 //! [`crate::bench_data::proc_status_kib`], which [`reset_peak_rss`] restarts), and the bytes a
-//! TCP listener's connections have sent (`ss -ti`: the kernel's per-socket `bytes_acked`), and
-//! what its threads are.
+//! TCP listener's connections have sent (`ss -ti`: the kernel's per-socket `bytes_acked`),
+//! what its threads are, and how busy the whole machine was ([`MachineCpu`]).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -59,6 +59,52 @@ fn clock_ticks_per_second() -> f64 {
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// The whole machine's CPU time so far, from the first line of `/proc/stat`, in clock ticks
+/// summed over all cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// User, nice, system, irq, softirq and steal time: cores doing something.
+    pub busy: u64,
+    /// Idle time with I/O outstanding: cores waiting on the disk.
+    pub iowait: u64,
+    /// Everything, idle included.
+    pub total: u64,
+}
+
+impl MachineCpu {
+    pub fn read() -> Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("no cpu line in /proc/stat")?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().context("malformed cpu line in /proc/stat"))
+            .collect::<Result<_>>()?;
+        let field = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        let (idle, iowait) = (field(3), field(4));
+        Ok(MachineCpu {
+            busy,
+            iowait,
+            total: busy + idle + iowait,
+        })
+    }
+
+    /// Shares of the time between `earlier` and this reading that the cores were busy and
+    /// waiting on I/O, as fractions of all cores' time.
+    pub fn shares_since(&self, earlier: &MachineCpu) -> (f64, f64) {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        (
+            self.busy.saturating_sub(earlier.busy) as f64 / total,
+            self.iowait.saturating_sub(earlier.iowait) as f64 / total,
+        )
+    }
 }
 
 /// Restarts the process's peak resident memory (`VmHWM`) from its current resident size, so a

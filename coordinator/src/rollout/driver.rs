@@ -362,7 +362,7 @@ impl Driver {
                     Some(bytes) => stored_command(&bytes, &release),
                     None => None,
                 };
-                any |= r.reconcile(&node, desired, now);
+                any |= r.reconcile(&node, desired, self.fleet.get(&node), now);
             }
             if any {
                 tracing::warn!(

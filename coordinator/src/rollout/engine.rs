@@ -628,7 +628,9 @@ impl Rollout {
     /// Whether the driver must step it on its timer: active, or watching switches and
     /// rollbacks still in flight.
     pub fn needs_tick(&self) -> bool {
-        self.head.status.is_active() || self.head.in_flight > 0
+        // A legacy record is history: never stepped (it would be rewritten).
+        self.head.status != Status::Legacy
+            && (self.head.status.is_active() || self.head.in_flight > 0)
     }
 
     /// No node changed since [`Rollout::take_dirty`].
@@ -693,7 +695,13 @@ impl Rollout {
     /// record's own write was lost: adopt it (it may already be out). A seq the record has but
     /// the desired command is older: our command never left the process, so forget it and
     /// decide again. Returns whether anything changed.
-    pub fn reconcile(&mut self, node: &NodeId, desired: Option<Desired>, now: UnixSeconds) -> bool {
+    pub fn reconcile(
+        &mut self,
+        node: &NodeId,
+        desired: Option<Desired>,
+        observed: Option<&Observed>,
+        now: UnixSeconds,
+    ) -> bool {
         let Some(&i) = self.index.get(node) else {
             return false;
         };
@@ -716,6 +724,10 @@ impl Rollout {
                 };
                 if let Some(next) = adopted {
                     self.sent(node, kind, seq);
+                    // Only a report newer than this one is the adopted command's outcome.
+                    self.nodes[i].prior = observed
+                        .and_then(|o| o.last_update.as_ref())
+                        .map(UpdateMark::of);
                     self.set(i, next, now, None);
                 }
                 adopted.is_some()
@@ -795,6 +807,15 @@ impl Rollout {
 
     fn observe(&mut self, i: usize, now: UnixSeconds, fleet: &impl FleetView) {
         let p = &self.nodes[i];
+        // A finished rollout's switched nodes are history: later rollouts move them on. (A
+        // rollback of it observes them again first, as a rolled-back rollout.)
+        let finished = matches!(
+            self.head.status,
+            Status::Succeeded | Status::Halted | Status::Aborted
+        );
+        if finished && p.phase == NodePhase::Switched {
+            return;
+        }
         let next = transition(
             p,
             fleet.get(&p.node),

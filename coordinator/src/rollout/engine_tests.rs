@@ -703,7 +703,12 @@ fn reconcile_adopts_a_stored_command_whose_record_was_lost_and_forgets_one_that_
     let (a, b) = (id("n0"), id("n1"));
     assert_eq!(r.node(&a).map(|n| n.phase), Some(NodePhase::Staged));
     // n0's deploy (seq 500) was stored but the record's write was lost.
-    assert!(r.reconcile(&a, Some(Desired::Ours(CommandKind::Deploy, 500)), sim.now));
+    assert!(r.reconcile(
+        &a,
+        Some(Desired::Ours(CommandKind::Deploy, 500)),
+        sim.fleet.get(&a),
+        sim.now
+    ));
     assert_eq!(
         r.node(&a).map(|n| (n.phase, n.deploy_seq)),
         Some((NodePhase::Switching, Some(500)))
@@ -715,13 +720,18 @@ fn reconcile_adopts_a_stored_command_whose_record_was_lost_and_forgets_one_that_
     fresh.sent(&b, CommandKind::Stage, stage);
     let i = fresh.index[&b];
     fresh.set(i, NodePhase::Staging, sim.now, None);
-    assert!(fresh.reconcile(&b, Some(Desired::Other(3)), sim.now));
+    assert!(fresh.reconcile(&b, Some(Desired::Other(3)), sim.fleet.get(&b), sim.now));
     assert_eq!(
         fresh.node(&b).map(|n| (n.phase, n.stage_seq)),
         Some((NodePhase::Pending, None))
     );
     // In agreement: nothing to do.
-    assert!(!r.reconcile(&b, Some(Desired::Ours(CommandKind::Stage, stage)), sim.now));
+    assert!(!r.reconcile(
+        &b,
+        Some(Desired::Ours(CommandKind::Stage, stage)),
+        sim.fleet.get(&b),
+        sim.now
+    ));
 }
 
 #[test]

@@ -39,13 +39,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use images::{build_image, missing_chunks, ChunkStore};
-use protocol::messages::SlotReport;
+use protocol::messages::{SlotReport, UpdateReport};
 use protocol::{AppName, ReleaseKind, Version};
 use serde::Deserialize;
 use system_tests::bench_data::{make_v2, mb, proc_status_kib, write_v1, Shape, V2Changes};
 use system_tests::swarm::swarm_binary;
-use system_tests::usage::{cpu_seconds, reset_peak_rss, thread_names, SentBetween, SocketBytes};
-use system_tests::wait::{wait_for, wait_until, Fatal};
+use system_tests::usage::{
+    cpu_seconds, reset_peak_rss, thread_names, MachineCpu, SentBetween, SocketBytes,
+};
+use system_tests::wait::{wait_for, Fatal};
 use system_tests::{release, Bins, Broker, Fleet, Swarm, SwarmOptions, TestClient, Tmpfs};
 
 const APP: &str = "fleet-bench";
@@ -113,6 +115,11 @@ struct Args {
     /// the disk: every agent then has a disk of its own speed, as nodes do.
     #[arg(long)]
     tmpfs_mb: Option<u64>,
+    /// Record the measured rollout with `perf record -g` (coordinator, Mosquitto and swarm
+    /// processes) into DIR/perf-<broker>.data. Release binaries are stripped: for symbols,
+    /// run with CARGO_PROFILE_RELEASE_STRIP=false (and a CARGO_TARGET_DIR of its own).
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -232,16 +239,16 @@ struct Run {
     online_after: Duration,
     install: Duration,
     rollout: Timeline,
-    coordinator_cpu: f64,
     coordinator_peak_kib: u64,
     coordinator_run_peak_kib: u64,
-    /// Mosquitto's own CPU seconds and peak memory (the embedded broker is the coordinator's).
-    mosquitto: Option<(f64, u64)>,
+    /// Mosquitto's peak memory (the embedded broker's is the coordinator's).
+    mosquitto_peak_kib: Option<u64>,
+    /// The agents' own reports of the measured update.
+    updates: UpdateFigures,
     egress: SentBetween,
     mosquitto_sys_bytes: Option<u64>,
     http_chunk_bytes: u64,
     mqtt_frame_bytes: u64,
-    swarm_cpu: f64,
     swarm_peak_kib: u64,
     swarm_threads: u64,
     swarm_files: usize,
@@ -323,26 +330,31 @@ fn measure(
     for pid in swarm.pids() {
         reset_peak_rss(pid)?;
     }
+    let meter = Meter {
+        coordinator,
+        mosquitto: fleet.mosquitto_pid(),
+        swarm: swarm.pids(),
+    };
     let sys_before = sys.as_mut().map(|(_, c)| sys_bytes_sent(c)).transpose()?;
     let sockets_before = SocketBytes::on_port(port)?;
     let stats_before = stats(&fleet)?;
-    let cpu_before = cpu_seconds(coordinator)?;
-    let mosquitto_cpu_before = sys.as_ref().map(|(pid, _)| cpu_seconds(*pid)).transpose()?;
-    let swarm_cpu_before = swarm_cpu(&swarm)?;
     let reconnects_before = reconnects(&swarm)?;
 
-    let rollout = run_rollout(args, &fleet, &mut swarm, &label)?;
-    wait_all_on(&fleet, &mut swarm, "2", Duration::from_secs(30), &label)?;
+    let perf = match &args.perf {
+        Some(dir) => Some(Perf::record(dir, broker, &meter)?),
+        None => None,
+    };
+    let rollout = run_rollout(args, &fleet, &mut swarm, &meter, &label)?;
+    if let Some(perf) = perf {
+        perf.stop()?;
+    }
+    let updates = wait_all_on(&fleet, &mut swarm, "2", Duration::from_secs(30), &label)?;
 
     // After.
-    let coordinator_cpu = cpu_seconds(coordinator)? - cpu_before;
     let egress = SocketBytes::on_port(port)?.since(&sockets_before);
     let stats_after = stats(&fleet)?;
     let mosquitto = match &sys {
-        Some((pid, _)) => Some((
-            cpu_seconds(*pid)? - mosquitto_cpu_before.unwrap_or(0.0),
-            proc_status_kib(*pid, "VmHWM")?,
-        )),
+        Some((pid, _)) => Some(proc_status_kib(*pid, "VmHWM")?),
         None => None,
     };
     let mosquitto_sys_bytes = match (&mut sys, sys_before) {
@@ -371,6 +383,12 @@ fn measure(
         }
         None => String::new(),
     };
+    // The agents' data is gigabytes in tens of thousands of files: removed by several
+    // threads, since each removal waits on the disk (discards), before the fleet's own
+    // cleanup.
+    let reconnects = reconnects(&swarm)? - reconnects_before;
+    drop(swarm);
+    remove_agent_dirs(&data)?;
     let delta = |field: &str| -> Result<u64> {
         let get = |v: &serde_json::Value| {
             v.get(field)
@@ -386,20 +404,145 @@ fn measure(
         online_after,
         install,
         rollout,
-        coordinator_cpu,
         coordinator_peak_kib,
         coordinator_run_peak_kib: coordinator_run_peak_before.max(coordinator_peak_kib),
-        mosquitto,
+        mosquitto_peak_kib: mosquitto,
+        updates,
         egress,
         mosquitto_sys_bytes,
         http_chunk_bytes: delta("http_chunk_bytes")?,
         mqtt_frame_bytes: delta("mqtt_frame_bytes")?,
-        swarm_cpu: swarm_cpu(&swarm)? - swarm_cpu_before,
         swarm_peak_kib,
         swarm_threads,
         swarm_files,
         swarm_thread_names,
-        reconnects: reconnects(&swarm)? - reconnects_before,
+        reconnects,
+    })
+}
+
+/// The processes whose CPU time the bench follows.
+struct Meter {
+    coordinator: u32,
+    mosquitto: Option<u32>,
+    swarm: Vec<u32>,
+}
+
+/// CPU seconds each measured process has used so far, and the machine's CPU time.
+#[derive(Debug, Clone, Copy)]
+struct CpuReading {
+    coordinator: f64,
+    swarm: f64,
+    mosquitto: f64,
+    machine: MachineCpu,
+}
+
+impl Meter {
+    fn read(&self) -> Result<CpuReading> {
+        Ok(CpuReading {
+            coordinator: cpu_seconds(self.coordinator)?,
+            swarm: self
+                .swarm
+                .iter()
+                .map(|&pid| cpu_seconds(pid))
+                .sum::<Result<f64>>()?,
+            mosquitto: self.mosquitto.map(cpu_seconds).transpose()?.unwrap_or(0.0),
+            machine: MachineCpu::read()?,
+        })
+    }
+}
+
+/// What one span of the rollout cost in CPU.
+#[derive(Debug, Clone, Copy)]
+struct SpanCpu {
+    coordinator: f64,
+    swarm: f64,
+    mosquitto: f64,
+    /// Share of the machine's cores busy, and waiting on the disk.
+    busy: f64,
+    iowait: f64,
+}
+
+impl SpanCpu {
+    fn between(earlier: &CpuReading, later: &CpuReading) -> SpanCpu {
+        let (busy, iowait) = later.machine.shares_since(&earlier.machine);
+        SpanCpu {
+            coordinator: later.coordinator - earlier.coordinator,
+            swarm: later.swarm - earlier.swarm,
+            mosquitto: later.mosquitto - earlier.mosquitto,
+            busy,
+            iowait,
+        }
+    }
+}
+
+/// A `perf record` of the measured processes, stopped with SIGINT so it writes its data.
+struct Perf {
+    child: std::process::Child,
+    output: PathBuf,
+}
+
+impl Perf {
+    fn record(dir: &Path, broker: Broker, meter: &Meter) -> Result<Perf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let output = dir.join(format!("perf-{}.data", broker_name(broker)));
+        let pids: Vec<String> = std::iter::once(meter.coordinator)
+            .chain(meter.mosquitto)
+            .chain(meter.swarm.iter().copied())
+            .map(|pid| pid.to_string())
+            .collect();
+        let log = std::fs::File::create(output.with_extension("log"))?;
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "99", "-g", "-p", &pids.join(","), "-o"])
+            .arg(&output)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting `perf record` (apt-get install linux-perf)")?;
+        Ok(Perf { child, output })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // The workspace forbids `unsafe`, so no `libc::kill`; kill(1) is everywhere.
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "could not stop `perf record`");
+        self.child.wait()?;
+        eprintln!("perf data: {}", self.output.display());
+        Ok(())
+    }
+}
+
+/// Removes every agent's data directory under `data` (`swarm-K/<node>`), several at a time.
+fn remove_agent_dirs(data: &Path) -> Result<()> {
+    const THREADS: usize = 8;
+    let mut dirs = Vec::new();
+    for swarm in std::fs::read_dir(data)? {
+        let swarm = swarm?.path();
+        if swarm.is_dir() {
+            for agent in std::fs::read_dir(&swarm)? {
+                dirs.push(agent?.path());
+            }
+        }
+    }
+    let chunk = dirs.len().div_ceil(THREADS).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = dirs
+            .chunks(chunk)
+            .map(|share| {
+                scope.spawn(move || -> Result<()> {
+                    for dir in share {
+                        std::fs::remove_dir_all(dir)
+                            .with_context(|| format!("removing {}", dir.display()))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a removal thread panicked")))
+        })
     })
 }
 
@@ -419,11 +562,6 @@ fn sys_bytes_sent(client: &mut TestClient) -> Result<u64> {
     text.trim()
         .parse()
         .with_context(|| format!("{SYS_BYTES_SENT} is {text:?}, not a number"))
-}
-
-/// CPU seconds of every swarm process so far.
-fn swarm_cpu(swarm: &Swarm) -> Result<f64> {
-    swarm.pids().into_iter().map(cpu_seconds).sum()
 }
 
 /// Broker reconnections the agents logged so far (each agent logs one line per connection
@@ -452,23 +590,62 @@ fn stats(fleet: &Fleet) -> Result<serde_json::Value> {
 struct NodeRow {
     node: String,
     current: Option<SlotReport>,
+    last_update: Option<UpdateReport>,
+}
+
+/// What the agents reported of one update: how long staging and the switch took each of
+/// them (from its own clock), and what they fetched and reused.
+#[derive(Debug, Clone, Default)]
+struct UpdateFigures {
+    /// Sorted, one per node.
+    staging_ms: Vec<u64>,
+    switch_ms: Vec<u64>,
+    http_bytes: u64,
+    mqtt_bytes: u64,
+    reused_bytes: u64,
+}
+
+impl UpdateFigures {
+    fn of<'a>(reports: impl Iterator<Item = &'a UpdateReport>) -> UpdateFigures {
+        let mut figures = UpdateFigures::default();
+        for report in reports {
+            figures.staging_ms.push(report.staging_ms);
+            figures.switch_ms.push(report.switch_ms);
+            figures.http_bytes += report.bytes_fetched_http;
+            figures.mqtt_bytes += report.bytes_fetched_mqtt;
+            figures.reused_bytes += report.bytes_reused;
+        }
+        figures.staging_ms.sort_unstable();
+        figures.switch_ms.sort_unstable();
+        figures
+    }
+}
+
+/// "p50 / p90 / max" of sorted milliseconds, in seconds.
+fn spread(sorted_ms: &[u64]) -> String {
+    let at = |q: f64| {
+        let i = ((sorted_ms.len() as f64 * q).ceil() as usize).clamp(1, sorted_ms.len().max(1));
+        sorted_ms.get(i - 1).map_or(0.0, |&ms| ms as f64 / 1000.0)
+    };
+    format!("{:.2} / {:.2} / {:.2} s", at(0.5), at(0.9), at(1.0))
 }
 
 /// Waits until every agent of the swarm reports `version` as current, per `nodes --json`
-/// (one call per poll: 1,000 `agent status` processes would load the machine measured).
+/// (one call per poll: 1,000 `agent status` processes would load the machine measured),
+/// and returns what they reported of the update that brought it.
 fn wait_all_on(
     fleet: &Fleet,
     swarm: &mut Swarm,
     version: &str,
     timeout: Duration,
     label: &str,
-) -> Result<()> {
+) -> Result<UpdateFigures> {
     let want = release(APP, version)?;
     let total = swarm.nodes().len();
     let started = Instant::now();
     let mut last = usize::MAX;
     let nodes: std::collections::HashSet<String> = swarm.nodes().iter().cloned().collect();
-    wait_until(
+    wait_for(
         timeout,
         format_args!("all {total} agents to run {want}"),
         || {
@@ -476,19 +653,26 @@ fn wait_all_on(
             let out = fleet.cli(&["nodes", "--json"])?;
             let rows: Vec<NodeRow> =
                 serde_json::from_slice(&out.stdout).context("`nodes --json` is not a node list")?;
-            let on = rows
+            let on: Vec<&NodeRow> = rows
                 .iter()
                 .filter(|r| nodes.contains(&r.node))
                 .filter(|r| r.current.as_ref().is_some_and(|c| c.release == want))
-                .count();
-            if on != last {
+                .collect();
+            if on.len() != last {
                 eprintln!(
-                    "{label}: {on}/{total} on {want} after {:.1?}",
+                    "{label}: {}/{total} on {want} after {:.1?}",
+                    on.len(),
                     started.elapsed()
                 );
-                last = on;
+                last = on.len();
             }
-            Ok(on == total)
+            Ok((on.len() == total).then(|| {
+                UpdateFigures::of(
+                    on.iter()
+                        .filter_map(|r| r.last_update.as_ref())
+                        .filter(|u| u.release == want),
+                )
+            }))
         },
     )
 }
@@ -497,54 +681,39 @@ fn wait_all_on(
 struct Timeline {
     total: Duration,
     waves: Vec<WaveTime>,
+    /// CPU over the whole rollout.
+    cpu: SpanCpu,
     /// The canary gate's outcome and one-line summary, as the rollout stored them.
     canary: Option<(String, String)>,
 }
 
-/// One wave's phases, each the first poll that showed it (`None`: passed between two polls,
-/// it then starts when the next one seen does).
+/// The wave phases of `rollout status`, in order.
+const PHASES: [&str; 5] = ["staging", "switching", "baking", "gating", "passed"];
+
+/// One wave as the polls saw it.
 struct WaveTime {
     /// Nodes the wave adds.
     nodes: u32,
-    staging: Option<Duration>,
-    switching: Option<Duration>,
-    baking: Option<Duration>,
-    gating: Option<Duration>,
-    passed: Option<Duration>,
+    /// When each of [`PHASES`] was first seen (`None`: it began and ended between two polls).
+    seen: [Option<Duration>; 5],
+    /// CPU from the wave's start to its end.
+    cpu: Option<SpanCpu>,
 }
 
 impl WaveTime {
-    /// When the wave started: the first of its phases seen.
-    fn started(&self) -> Option<Duration> {
-        [
-            self.staging,
-            self.switching,
-            self.baking,
-            self.gating,
-            self.passed,
-        ]
-        .into_iter()
-        .flatten()
-        .next()
+    /// When phase `i` began: when it was first seen, or else the next phase was.
+    fn began(&self, i: usize) -> Option<Duration> {
+        self.seen[i..].iter().flatten().next().copied()
+    }
+
+    /// From the beginning of phase `from` to the beginning of phase `to`.
+    fn span(&self, from: usize, to: usize) -> Option<Duration> {
+        Some(self.began(to)?.saturating_sub(self.began(from)?))
     }
 
     /// Start to passed.
     fn total(&self) -> Option<Duration> {
-        Some(self.passed?.saturating_sub(self.started()?))
-    }
-
-    /// From the first phase seen of `from` to the first phase seen of `to` (each falls back
-    /// to the next phase seen when a poll missed it).
-    fn span(&self, from: usize, to: usize) -> Option<Duration> {
-        let phases = [
-            self.staging,
-            self.switching,
-            self.baking,
-            self.gating,
-            self.passed,
-        ];
-        let first_from = |i: usize| phases[i..].iter().flatten().next().copied();
-        Some(first_from(to)?.saturating_sub(first_from(from)?))
+        self.span(0, PHASES.len() - 1)
     }
 }
 
@@ -569,8 +738,15 @@ struct CanaryView {
     summary: String,
 }
 
-/// Runs the measured rollout of v2 and times its waves from `rollout status` polls.
-fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Result<Timeline> {
+/// Runs the measured rollout of v2 and times its waves from `rollout status` polls (every
+/// [`system_tests::wait::POLL`]), reading the CPU counters at each poll.
+fn run_rollout(
+    args: &Args,
+    fleet: &Fleet,
+    swarm: &mut Swarm,
+    meter: &Meter,
+    label: &str,
+) -> Result<Timeline> {
     let mut start: Vec<&str> = vec![
         "rollout",
         "start",
@@ -585,6 +761,7 @@ fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Re
         "--json",
     ];
     start.extend(args.rollout_args.iter().map(String::as_str));
+    let first = meter.read()?;
     let started = Instant::now();
     let out = fleet.cli(&start)?;
     let response: serde_json::Value =
@@ -595,6 +772,7 @@ fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Re
         .context("`rollout start --json` names no rollout")?
         .to_string();
     let mut waves: Vec<WaveTime> = Vec::new();
+    let mut readings = vec![(Duration::ZERO, first)];
     let mut last_line = String::new();
     let view = wait_for(
         ROLLOUT_TIMEOUT,
@@ -603,6 +781,7 @@ fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Re
             swarm.check_alive()?;
             let out = fleet.cli(&["rollout", "status", &id, "--json"])?;
             let at = started.elapsed();
+            readings.push((at, meter.read()?));
             let view: StatusView = serde_json::from_slice(&out.stdout)
                 .context("`rollout status --json` is not a rollout")?;
             if waves.is_empty() {
@@ -611,24 +790,20 @@ fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Re
                     .iter()
                     .map(|w| WaveTime {
                         nodes: w.nodes,
-                        staging: None,
-                        switching: None,
-                        baking: None,
-                        gating: None,
-                        passed: None,
+                        seen: [None; 5],
+                        cpu: None,
                     })
                     .collect();
             }
             for (time, wave) in waves.iter_mut().zip(&view.waves) {
-                let seen = match wave.phase.as_str() {
-                    "staging" => &mut time.staging,
-                    "switching" => &mut time.switching,
-                    "baking" => &mut time.baking,
-                    "gating" => &mut time.gating,
-                    "passed" | "empty" => &mut time.passed,
-                    _ => continue,
+                let phase = if wave.phase == "empty" {
+                    "passed"
+                } else {
+                    wave.phase.as_str()
                 };
-                seen.get_or_insert(at);
+                if let Some(i) = PHASES.iter().position(|p| *p == phase) {
+                    time.seen[i].get_or_insert(at);
+                }
             }
             let line = view
                 .waves
@@ -651,9 +826,24 @@ fn run_rollout(args: &Args, fleet: &Fleet, swarm: &mut Swarm, label: &str) -> Re
             }
         },
     )?;
+    let total = started.elapsed();
+    let last = meter.read()?;
+    // The reading of the poll that first saw a moment (readings are in time order).
+    let reading_at = |t: Duration| {
+        readings
+            .iter()
+            .find(|(at, _)| *at >= t)
+            .map_or(&last, |(_, r)| r)
+    };
+    for wave in &mut waves {
+        if let (Some(from), Some(to)) = (wave.began(0), wave.began(PHASES.len() - 1)) {
+            wave.cpu = Some(SpanCpu::between(reading_at(from), reading_at(to)));
+        }
+    }
     Ok(Timeline {
-        total: started.elapsed(),
+        total,
         waves,
+        cpu: SpanCpu::between(&first, &last),
         canary: view.canary.map(|c| (c.outcome, c.summary)),
     })
 }
@@ -677,7 +867,8 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         "`cargo run --release -p system-tests --bin bench-fleet -- --nodes {} --broker {}`: \
          {} agents (`agent::daemon::run` each, in `agent-swarm` processes) and the coordinator \
          on one {cores}-core machine. v1 ({}) installed first (not measured); measured: \
-         `rollout start --waves {} --bake {}` of v2 ({}; {} new chunks, {} compressed per node).\n",
+         `rollout start --waves {} --bake {}` of v2 ({}; {} new chunks, {} compressed per node), \
+         canary window {}.\n",
         args.nodes,
         args.broker,
         args.nodes,
@@ -687,6 +878,7 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         releases.changes,
         releases.new_chunks,
         mb(releases.new_chunk_bytes),
+        args.canary_window,
     );
     let waves = runs
         .iter()
@@ -715,25 +907,40 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         row += &format!(
             " | **{}** | {:.1} s | {} |",
             mib(run.coordinator_peak_kib),
-            run.coordinator_cpu,
+            run.rollout.cpu.coordinator,
             mb(run.egress.bytes)
         );
         println!("{row}");
     }
     println!();
-    println!("| broker | wave | nodes | staging | switching | bake + gates | wave total |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| broker | wave | nodes | staging | switching | bake + gates | CPU s: coordinator / agents{} | machine busy / iowait |",
+        if runs.iter().any(|r| r.broker == Broker::Mosquitto) { " / Mosquitto" } else { "" }
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for run in runs {
         for (i, w) in run.rollout.waves.iter().enumerate() {
+            let cpu = w.cpu.map_or("- | -".to_owned(), |c| {
+                let mosquitto = match run.broker {
+                    Broker::Mosquitto => format!(" / {:.1}", c.mosquitto),
+                    Broker::Embedded => String::new(),
+                };
+                format!(
+                    "{:.1} / {:.1}{mosquitto} | {:.0} % / {:.0} %",
+                    c.coordinator,
+                    c.swarm,
+                    c.busy * 100.0,
+                    c.iowait * 100.0
+                )
+            });
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {cpu} |",
                 broker_name(run.broker),
                 i + 1,
                 w.nodes,
                 opt_secs(w.span(0, 1)),
                 opt_secs(w.span(1, 2)),
                 opt_secs(w.span(2, 4)),
-                opt_secs(w.total())
             );
         }
     }
@@ -763,6 +970,34 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
                 format!("{outcome}: {summary}")
             })
     });
+    line(
+        "agents' own staging time, p50 / p90 / max (the update report's `staging_ms`)",
+        &|r| spread(&r.updates.staging_ms),
+    );
+    line("agents' own switch time, p50 / p90 / max", &|r| {
+        spread(&r.updates.switch_ms)
+    });
+    line(
+        "agents' bytes fetched over HTTP / MQTT / reused locally",
+        &|r| {
+            format!(
+                "{} / {} / {}",
+                mb(r.updates.http_bytes),
+                mb(r.updates.mqtt_bytes),
+                mb(r.updates.reused_bytes)
+            )
+        },
+    );
+    line("whole rollout: machine busy / iowait", &|r| {
+        format!(
+            "{:.0} % / {:.0} %",
+            r.rollout.cpu.busy * 100.0,
+            r.rollout.cpu.iowait * 100.0
+        )
+    });
+    line("whole rollout: agents' CPU (all swarm processes)", &|r| {
+        format!("{:.1} s", r.rollout.cpu.swarm)
+    });
     line("all online after start (not measured)", &|r| {
         secs(r.online_after)
     });
@@ -781,8 +1016,8 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         r.mosquitto_sys_bytes.map_or("-".to_owned(), mb)
     });
     line("Mosquitto CPU / peak RSS", &|r| {
-        r.mosquitto.map_or("-".to_owned(), |(cpu, kib)| {
-            format!("{cpu:.1} s / {}", mib(kib))
+        r.mosquitto_peak_kib.map_or("-".to_owned(), |kib| {
+            format!("{:.1} s / {}", r.rollout.cpu.mosquitto, mib(kib))
         })
     });
     line("chunk bytes served over HTTP / as MQTT frames", &|r| {
@@ -790,9 +1025,6 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
     });
     line("ideal chunk bytes (new chunks × nodes)", &|r| {
         mb(releases.new_chunk_bytes * r.nodes as u64)
-    });
-    line("swarm CPU (all agents)", &|r| {
-        format!("{:.1} s", r.swarm_cpu)
     });
     line("swarm peak RSS, sum / per agent", &|r| {
         format!(
