@@ -4,7 +4,8 @@
 //! The version label is passed as `APP_VERSION`, so `GET /version` through the front door
 //! tells which version answers; the sample app's misbehaviour knobs (`APP_CRASH_AT_START`,
 //! `APP_FAIL_HEALTH`, `APP_CRASH_AFTER_SECS`, `APP_ERROR_RATE`, …) are set the same way.
-//! Timings default to short ones so a whole switch, probation and grace fit in seconds.
+//! Timings default to short ones so a whole switch, probation and grace fit in seconds. The
+//! agent scrapes the app's `/metrics` (`metrics_path`) on its metrics interval.
 //!
 //! The front door's address is part of the release, so every node that runs it listens
 //! there: give each agent of a test its own app (or run one agent per fleet), or have a
@@ -34,6 +35,8 @@ pub struct AppRelease {
     health_interval_ms: u32,
     /// `[run.hooks] switch = …` in place of the front door.
     switch_hook: Option<Vec<String>>,
+    /// Sections appended after `[run]` (`[canary]`, `[rollout]`).
+    sections: String,
 }
 
 impl AppRelease {
@@ -49,6 +52,7 @@ impl AppRelease {
             grace_secs: 1,
             health_interval_ms: 100,
             switch_hook: None,
+            sections: String::new(),
         }
     }
 
@@ -95,6 +99,15 @@ impl AppRelease {
         self
     }
 
+    /// Appends `toml` (whole sections such as `[canary]`) to `release.toml`.
+    pub fn sections(mut self, toml: &str) -> AppRelease {
+        self.sections.push_str(toml);
+        if !self.sections.ends_with('\n') {
+            self.sections.push('\n');
+        }
+        self
+    }
+
     /// The text of `release.toml`.
     pub fn release_toml(&self) -> String {
         let mut env = String::new();
@@ -110,6 +123,7 @@ impl AppRelease {
              probation_secs = {probation}\n\
              grace_secs = {grace}\n\
              stop_timeout_secs = 5\n\
+             metrics_path = \"/metrics\"\n\
              \n\
              [run.env]\n\
              {env}\
@@ -119,7 +133,8 @@ impl AppRelease {
              interval_ms = {interval}\n\
              timeout_ms = 1000\n\
              \n\
-             {traffic}",
+             {traffic}\n\
+             {sections}",
             start = self.start_timeout_secs,
             probation = self.probation_secs,
             grace = self.grace_secs,
@@ -134,6 +149,7 @@ impl AppRelease {
                     toml_string(&self.front_door.to_string())
                 ),
             },
+            sections = self.sections,
         )
     }
 
