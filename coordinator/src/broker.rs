@@ -13,8 +13,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use protocol::format::MAX_MQTT_PACKET;
+use protocol::{NodeTopic, Topics};
 use rand::RngCore as _;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,8 +42,8 @@ pub struct EmbeddedBroker {
     pub connect_addr: SocketAddr,
 }
 
-/// The broker's configuration: one MQTT 3.1.1 listener on `listen`.
-fn config(listen: SocketAddr) -> Config {
+/// The broker's configuration: one MQTT 3.1.1 listener on `listen`, serving `topics`.
+fn config(listen: SocketAddr, topics: &Topics) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_MQTT_PACKET,
@@ -65,10 +66,27 @@ fn config(listen: SocketAddr) -> Config {
         router: RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 200,
-            // Each topic's in-memory log holds at most this much: enough for several
-            // 16 MiB commands or many chunk frames, and bounded.
-            max_segment_size: 32 * 1024 * 1024,
+            // rumqttd keeps every message published to a subscription filter in that
+            // filter's in-memory log until the log is full, then drops its oldest segment:
+            // this bounds each log to about 8 MiB (plus one oversized message: a segment
+            // takes a message larger than itself whole). The coordinator's wildcard filters
+            // (every node's metrics, state, events) would otherwise hold all the traffic of a
+            // fleet. A subscriber that falls further behind loses the oldest messages; every
+            // flow here recovers (agents ask again for chunks, samples are resent until acked,
+            // commands and states are retained).
+            max_segment_size: 2 * 1024 * 1024,
             max_segment_count: 4,
+            // A node's command log would keep every command (each with its signed manifest)
+            // for the node's lifetime: ~100 KB a release for a 10 MB image, times the fleet.
+            // Only the newest command counts, and it is retained apart from the log, so the
+            // log keeps the last one or two.
+            custom_segment: Some(HashMap::from([(
+                topics.all_nodes(NodeTopic::Command),
+                SegmentConfig {
+                    max_segment_size: 1024,
+                    max_segment_count: 1,
+                },
+            )])),
             ..RouterConfig::default()
         },
         v4: Some(HashMap::from([("1".to_owned(), server)])),
@@ -89,8 +107,8 @@ fn local_addr(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Starts rumqttd on `listen` and returns once it accepts TCP connections.
-pub async fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
+/// Starts rumqttd on `listen` for `topics` and returns once it accepts TCP connections.
+pub async fn start(listen: SocketAddr, topics: &Topics) -> Result<EmbeddedBroker, BrokerError> {
     // rumqttd would only log a bind failure; find it out here with a clear message.
     drop(
         std::net::TcpListener::bind(listen).map_err(|error| BrokerError::Bind {
@@ -99,7 +117,7 @@ pub async fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
         })?,
     );
 
-    let config = config(listen);
+    let config = config(listen, topics);
     let thread = std::thread::Builder::new()
         .name("mqtt-broker".to_owned())
         .spawn(move || {
@@ -173,7 +191,9 @@ mod tests {
     async fn an_address_in_use_is_refused_with_the_flag_to_change_it() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let error = start(addr).await.expect_err("address is taken");
+        let error = start(addr, &Topics::default())
+            .await
+            .expect_err("address is taken");
         assert!(error.to_string().contains("--mqtt-listen"), "{error}");
     }
 }

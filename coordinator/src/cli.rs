@@ -439,6 +439,16 @@ mod tests {
         assert_eq!(cli.client.token.as_deref(), Some("t"));
     }
 
+    /// A `release.toml` example indented in a help text, parsed and validated.
+    fn parse_help_example(example: &str) -> crate::release_file::ReleaseFile {
+        let text: String = example
+            .lines()
+            .map(|line| format!("{}\n", line.trim_start()))
+            .collect();
+        crate::release_file::parse(std::path::Path::new("help"), &text)
+            .expect("the example parses and validates")
+    }
+
     #[test]
     fn the_release_toml_example_in_the_help_is_a_valid_file() {
         let example = PUBLISH_LONG_HELP
@@ -446,12 +456,7 @@ mod tests {
             .and_then(|(_, rest)| rest.split_once("\nMirrors:"))
             .map(|(example, _)| example)
             .expect("the help has the example before Mirrors");
-        let text: String = example
-            .lines()
-            .map(|line| format!("{}\n", line.trim_start()))
-            .collect();
-        let file = crate::release_file::parse(std::path::Path::new("help"), &text)
-            .expect("the example parses and validates");
+        let file = parse_help_example(example);
         assert_eq!(file.run.expect("a run section").command, "bin/server");
     }
 
@@ -461,12 +466,7 @@ mod tests {
             .split_once("release.toml defaults (flags win):\n")
             .map(|(_, rest)| rest)
             .expect("the help has the example");
-        let text: String = example
-            .lines()
-            .map(|line| format!("{}\n", line.trim_start()))
-            .collect();
-        let file = crate::release_file::parse(std::path::Path::new("help"), &text)
-            .expect("the example parses and validates");
+        let file = parse_help_example(example);
         assert_eq!(file.rollout.and_then(|r| r.waves).map(|w| w.len()), Some(4));
     }
 

@@ -100,6 +100,8 @@ pub enum Inserted {
 const SEQ_KEY: &[u8] = b"seq";
 const ROLLOUT_KEY: &[u8] = b"rollout";
 const LOG_KEY: &[u8] = b"log";
+/// The page cache of the coordinator's database.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One deploy-log entry: who did what, to which nodes, when, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,7 +170,12 @@ fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let db = sled::open(path)?;
+        let db = sled::Config::new()
+            .path(path)
+            // sled's default page cache is 1 GiB, which a busy metric store fills; the
+            // coordinator reads recent records mostly, so a smaller one costs little.
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         Ok(Db {
             releases: db.open_tree("releases")?,
             release_info: db.open_tree("release_info")?,

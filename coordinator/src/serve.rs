@@ -52,7 +52,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
 
     let (host, port) = match &config.broker {
         BrokerSpec::Embedded => {
-            let embedded = broker::start(config.mqtt_listen).await?;
+            let embedded = broker::start(config.mqtt_listen, &config.topics).await?;
             tracing::info!(listen = %config.mqtt_listen, "embedded MQTT broker accepting connections");
             (
                 embedded.connect_addr.ip().to_string(),
@@ -77,6 +77,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         stats: stats.clone(),
         metrics: metrics.clone(),
         rollouts: rollouts.clone(),
+        chunk_reads: tokio::sync::Semaphore::new(server::CHUNK_READS),
     });
     let driver = Driver::new(state.clone(), rollout_inbox)
         .context("cannot load the rollouts in progress")?;

@@ -76,7 +76,15 @@ pub struct AppState {
     pub metrics: MetricStore,
     /// The rollout driver's handle: starts and controls go through it; status reads its store.
     pub rollouts: crate::rollout::Rollouts,
+    /// Chunk reads for `GET /chunks/*` under way ([`CHUNK_READS`] permits).
+    pub chunk_reads: tokio::sync::Semaphore,
 }
+
+/// Chunks read for `GET /chunks/*` at once. Each read holds the whole compressed chunk in
+/// memory until it is handed to the connection; when a wave of a thousand nodes fetches at
+/// once, the rest wait here rather than each holding a buffer of their own (loopback and
+/// LAN sockets take a chunk as fast as it is read, so a few dozen keep the disk busy).
+pub const CHUNK_READS: usize = 32;
 
 type Shared = Arc<AppState>;
 
@@ -332,6 +340,11 @@ async fn get_chunk(
         ));
     };
     let chunks = state.chunks.clone();
+    let _reading = state
+        .chunk_reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the chunk server is shutting down".to_owned()))?;
     let bytes = match blocking(move || chunks.get(&digest)).await? {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return Err(not_found(format!("no chunk {digest}"))),

@@ -9,8 +9,9 @@
 //!
 //! The front door's address is part of the release, so every node that runs it listens
 //! there: give each agent of a test its own app (or run one agent per fleet), or have a
-//! switch hook move traffic instead ([`AppRelease::switch_hook`]), which binds nothing
-//! shared, so many agents on one machine can run the same release.
+//! switch hook move traffic instead ([`AppRelease::switch_hook`],
+//! [`AppRelease::serving_port_hook`]), which binds nothing shared, so many agents on one
+//! machine can run the same release.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +23,10 @@ use std::process::Command;
 use anyhow::{bail, Context as _, Result};
 
 use crate::fleet::Fleet;
+
+/// The file in an agent's data directory where [`AppRelease::serving_port_hook`] writes the
+/// active version's private port.
+pub const SERVING_PORT_FILE: &str = "serving-port";
 
 /// The release's `[run]` section, written as `release.toml`.
 #[derive(Debug, Clone)]
@@ -97,6 +102,16 @@ impl AppRelease {
     pub fn switch_hook(mut self, argv: &[&str]) -> AppRelease {
         self.switch_hook = Some(argv.iter().map(|a| (*a).to_owned()).collect());
         self
+    }
+
+    /// Moves traffic with a switch hook that writes the new version's private port to
+    /// [`SERVING_PORT_FILE`] in the agent's data directory (the hook runs in the slot,
+    /// `DATA/slots/NAME`), where [`crate::traffic::NodeTraffic`] follows it.
+    pub fn serving_port_hook(self) -> AppRelease {
+        let script = format!(
+            "echo $FLEET_PORT > ../../{SERVING_PORT_FILE}.new && mv ../../{SERVING_PORT_FILE}.new ../../{SERVING_PORT_FILE}"
+        );
+        self.switch_hook(&["/bin/sh", "-c", &script])
     }
 
     /// Appends `toml` (whole sections such as `[canary]`) to `release.toml`.

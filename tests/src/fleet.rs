@@ -718,6 +718,11 @@ impl Agent {
         Ok(self.status()?.current.map(|s| s.release))
     }
 
+    /// The version the agent runs now, if any.
+    pub fn current_version(&self) -> Result<Option<String>> {
+        Ok(self.current_release()?.map(|r| r.version.to_string()))
+    }
+
     /// The slot directory of the current release.
     pub fn current_slot(&self) -> Result<PathBuf> {
         let status = self.status()?;

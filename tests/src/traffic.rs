@@ -1,13 +1,16 @@
 //! HTTP clients for the app behind an agent's front door: one request ([`http_get`]), and
 //! steady traffic from several threads ([`Traffic`]) that records every failed request and
 //! the order in which each client saw the answers change, so a test can say "no request
-//! failed during the switch, and every client went from v1 to v2 and never back".
+//! failed during the switch, and every client went from v1 to v2 and never back". And load
+//! that follows one node's active version wherever its switch hook put it ([`NodeTraffic`]),
+//! so many agents on one machine each serve traffic and report metrics of their own.
 //!
 //! Plain HTTP/1.1 over `std::net`, one connection per request (`Connection: close`), so each
 //! request goes through the front door's accept and upstream choice anew.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -294,6 +297,69 @@ impl TrafficReport {
         }
         Ok(())
     }
+}
+
+/// One client thread sending `GET /` to a node's active version, about 30 requests a second,
+/// re-reading the port from the node's [`crate::app_release::SERVING_PORT_FILE`] (written by
+/// [`crate::AppRelease::serving_port_hook`]) before each request. Failures are not recorded:
+/// this is load for the node's metrics, not a check of its switches.
+pub struct NodeTraffic {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NodeTraffic {
+    /// Pause between two requests.
+    const PACE: Duration = Duration::from_millis(15);
+
+    /// Starts the client for the agent whose data directory is `data_dir`.
+    pub fn start(data_dir: &Path) -> NodeTraffic {
+        let port_file = data_dir.join(crate::app_release::SERVING_PORT_FILE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::spawn({
+            let (stop, answered) = (stop.clone(), answered.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(addr) = serving_addr(&port_file) {
+                        if http_get(addr, "/", Duration::from_secs(2)).is_ok() {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(NodeTraffic::PACE);
+                }
+            }
+        });
+        NodeTraffic {
+            stop,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Requests answered so far (any status).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for NodeTraffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serving_addr(port_file: &Path) -> Option<SocketAddr> {
+    let port: u16 = std::fs::read_to_string(port_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 #[cfg(test)]

@@ -5,20 +5,15 @@
 //! old version; a clean release is judged *pass* and rolls out to every node.
 //!
 //! Every agent runs the same release on one machine, so no front-door port can be shared: a
-//! switch hook writes the active version's private port to `DATA/serving-port`, and each
-//! node's traffic thread follows it there.
+//! switch hook writes the active version's private port to the agent's data directory, and
+//! each node's traffic follows it there (`NodeTraffic`).
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
-use system_tests::traffic::http_get;
-use system_tests::{Agent, AgentOptions, AppRelease, Broker, Fleet};
+use system_tests::traffic::NodeTraffic;
+use system_tests::{AgentOptions, AppRelease, Broker, Fleet};
 
 const NODES: [&str; 4] = ["n0", "n1", "n2", "n3"];
 /// A whole rollout: staging, switch, warm-up and window, with room for a loaded machine.
@@ -33,71 +28,16 @@ const ADDED_LATENCY_MS: &str = "15";
 /// A short judgment, so the test takes seconds: one sample a second per node, judged over
 /// 15 s after a 3 s warm-up. Everything else is the judge's defaults.
 const CANARY: &str = "[canary]\nwindow_secs = 15\nwarmup_secs = 3\nmin_samples = 8\n";
-/// Pause between two requests of a node's traffic thread: about 30 requests a second.
-const PACE: Duration = Duration::from_millis(15);
 
-/// `web@VERSION` of the sample app, erring on `errors` of its requests; the switch hook
-/// publishes the new version's port for the traffic threads (its working directory is the
-/// slot, `DATA/slots/NAME`).
+/// `web@VERSION` of the sample app, erring on `errors` of its requests; its switch hook
+/// publishes the new version's port for the node's traffic.
 fn app(version: &str, errors: &str) -> AppRelease {
     let unused = "127.0.0.1:9".parse().expect("an address");
     AppRelease::new(version, unused)
         .env("APP_ERROR_RATE", errors)
         .env("APP_ADDED_LATENCY_MS", ADDED_LATENCY_MS)
-        .switch_hook(&[
-            "/bin/sh",
-            "-c",
-            "echo $FLEET_PORT > ../../serving-port.new && mv ../../serving-port.new ../../serving-port",
-        ])
+        .serving_port_hook()
         .sections(CANARY)
-}
-
-/// Requests to one node's active version, wherever the switch hook last put it.
-struct NodeTraffic {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl NodeTraffic {
-    fn start(agent: &Agent) -> NodeTraffic {
-        let port_file = agent.data_dir().join("serving-port");
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let thread = std::thread::spawn({
-            let (stop, answered) = (stop.clone(), answered.clone());
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    // Refused or failed requests are the switch's business, not this test's.
-                    if let Some(addr) = serving(&port_file) {
-                        if http_get(addr, "/", Duration::from_secs(2)).is_ok() {
-                            answered.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    std::thread::sleep(PACE);
-                }
-            }
-        });
-        NodeTraffic {
-            stop,
-            answered,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for NodeTraffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serving(port_file: &Path) -> Option<SocketAddr> {
-    let port: u16 = std::fs::read_to_string(port_file).ok()?.trim().parse().ok()?;
-    Some(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn canary_report(fleet: &Fleet, id: u64) -> Result<(Value, String)> {
@@ -113,10 +53,6 @@ fn canary_report(fleet: &Fleet, id: u64) -> Result<(Value, String)> {
     Ok((report, String::from_utf8_lossy(&text.stdout).into_owned()))
 }
 
-fn version_of(agent: &Agent) -> Result<Option<String>> {
-    Ok(agent.current_release()?.map(|r| r.version.to_string()))
-}
-
 #[test]
 fn a_release_that_raises_the_error_rate_fails_its_canary_and_a_clean_one_passes() -> Result<()> {
     let fleet = Fleet::start(Broker::Embedded)?;
@@ -129,7 +65,10 @@ fn a_release_that_raises_the_error_rate_fails_its_canary_and_a_clean_one_passes(
     fleet.rollout("web", "1")?;
     fleet.wait_all_on("web", "1", ROLLOUT)?;
     fleet.wait_rollout_ended(1, ROLLOUT)?;
-    let traffic: Vec<NodeTraffic> = agents.iter().map(NodeTraffic::start).collect();
+    let traffic: Vec<NodeTraffic> = agents
+        .iter()
+        .map(|a| NodeTraffic::start(a.data_dir()))
+        .collect();
 
     // The bad release: healthy, so it switches, but one request in twelve fails.
     fleet.publish_app("web", &app("2", BAD_ERRORS))?;
@@ -149,7 +88,11 @@ fn a_release_that_raises_the_error_rate_fails_its_canary_and_a_clean_one_passes(
     assert_eq!(hottest["name"], "app_error_rate", "{text}");
     assert_eq!(hottest["classification"], "high", "{text}");
     assert!(hottest["ratio"].as_f64().is_some_and(|r| r > 2.0), "{text}");
-    assert_eq!(report["canary_nodes"], serde_json::json!([canary]), "{text}");
+    assert_eq!(
+        report["canary_nodes"],
+        serde_json::json!([canary]),
+        "{text}"
+    );
     assert_eq!(report["baseline_nodes"].as_array().map(Vec::len), Some(3));
     assert!(text.contains("app_error_rate"), "{text}");
     // The canary is sent back to web@1; no other node was ever sent web@2.
@@ -158,12 +101,12 @@ fn a_release_that_raises_the_error_rate_fails_its_canary_and_a_clean_one_passes(
         .find(|a| a.node().as_str() == canary)
         .context("the canary's agent")?;
     fleet.wait_until(ROLLOUT, "the canary to run web@1 again", || {
-        Ok(version_of(canary_agent)?.as_deref() == Some("1"))
+        Ok(canary_agent.current_version()?.as_deref() == Some("1"))
     })?;
     for agent in agents.iter().filter(|a| a.node().as_str() != canary) {
         let state = agent.status()?;
         ensure!(
-            version_of(agent)?.as_deref() == Some("1") && state.staged.is_none(),
+            agent.current_version()?.as_deref() == Some("1") && state.staged.is_none(),
             "{} left web@1: {state:?}",
             agent.node()
         );
@@ -188,7 +131,7 @@ fn a_release_that_raises_the_error_rate_fails_its_canary_and_a_clean_one_passes(
 
     // The app was really under load the whole time, on every node.
     for (agent, traffic) in agents.iter().zip(&traffic) {
-        let answered = traffic.answered.load(Ordering::Relaxed);
+        let answered = traffic.answered();
         assert!(answered > 100, "{}: {answered} answers", agent.node());
     }
     Ok(())

@@ -79,10 +79,6 @@ fn agent<'a>(agents: &'a [Agent], node: &str) -> Result<&'a Agent> {
         .with_context(|| format!("no agent {node}"))
 }
 
-fn version_of(agent: &Agent) -> Result<Option<String>> {
-    Ok(agent.current_release()?.map(|r| r.version.to_string()))
-}
-
 /// Rolls `web@1` out to every node with the default plan (one wave of 100 %).
 fn everyone_on_v1(fleet: &Fleet, bytes: u64) -> Result<()> {
     publish_files(fleet, "1", bytes)?;
@@ -250,7 +246,7 @@ fn a_release_whose_canary_fails_stops_after_the_first_wave_and_the_canary_goes_b
     // The canary is back on web@1; no later wave was ever sent anything.
     let canary_agent = agent(&agents, &canary)?;
     fleet.wait_until(ROLLOUT, "the canary to run web@1 again", || {
-        Ok(version_of(canary_agent)?.as_deref() == Some("1"))
+        Ok(canary_agent.current_version()?.as_deref() == Some("1"))
     })?;
     for wave in &status["waves"].as_array().context("waves")?[1..] {
         assert_eq!(wave["phase"], "pending", "{wave:#}");
@@ -259,7 +255,7 @@ fn a_release_whose_canary_fails_stops_after_the_first_wave_and_the_canary_goes_b
     for a in &agents {
         if a.node().as_str() != canary {
             let state = a.status()?;
-            assert_eq!(version_of(a)?.as_deref(), Some("1"), "{}", a.node());
+            assert_eq!(a.current_version()?.as_deref(), Some("1"), "{}", a.node());
             assert!(
                 state.staged.is_none(),
                 "{} staged {:?}",
@@ -370,7 +366,10 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     // Observed staged by a step that sent nothing: running, the same step would have deployed.
     assert_eq!(paused["status"], "paused", "{paused:#}");
     assert_eq!(paused["waves"][0]["phase"], "staging", "{paused:#}");
-    assert_eq!(version_of(agent(&agents, &canary)?)?.as_deref(), Some("1"));
+    assert_eq!(
+        agent(&agents, &canary)?.current_version()?.as_deref(),
+        Some("1")
+    );
     fleet.cli(&["rollout", "resume", &id.to_string()])?;
     let done = fleet.wait_rollout_ended(id, ROLLOUT)?;
     assert_eq!(done["status"], "succeeded", "{done:#}");
@@ -397,7 +396,7 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
         } else {
             "2"
         };
-        assert_eq!(version_of(a)?.as_deref(), Some(want), "{}", a.node());
+        assert_eq!(a.current_version()?.as_deref(), Some(want), "{}", a.node());
     }
     let log = fleet.rollout_log(id)?;
     let abort = log.last().context("an entry")?;
@@ -412,7 +411,7 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     publish_files(&fleet, "4", 100_000)?;
     let before: BTreeMap<String, Option<String>> = agents
         .iter()
-        .map(|a| Ok((a.node().to_string(), version_of(a)?)))
+        .map(|a| Ok((a.node().to_string(), a.current_version()?)))
         .collect::<Result<_>>()?;
     let (id, started) = fleet.rollout_with("web", "4", &["--waves", "3,100%", "--bake", "1h"])?;
     let first: Vec<String> = waves(&started)[0].iter().cloned().collect();
@@ -425,7 +424,7 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
     fleet.wait_until(
         ROLLOUT,
         "the node rolled back by hand to leave web@4",
-        || Ok(version_of(hand_agent)? == before[&by_hand]),
+        || Ok(hand_agent.current_version()? == before[&by_hand]),
     )?;
     fleet.wait_rollout(id, ROLLOUT, "the rollout to leave that node alone", |s| {
         s["nodes"]
@@ -441,14 +440,19 @@ fn pause_resume_abort_and_rollback_each_change_the_fleet_as_documented() -> Resu
         fleet.wait_until(
             ROLLOUT,
             format_args!("{node} to be back on its version"),
-            || Ok(version_of(a)? == before[node]),
+            || Ok(a.current_version()? == before[node]),
         )?;
     }
     let status = fleet.wait_rollout(id, ROLLOUT, "the rollbacks to be reported", |s| {
         s["total"]["rolled_back"] == 2
     })?;
     for a in &agents {
-        assert_eq!(version_of(a)?, before[a.node().as_str()], "{}", a.node());
+        assert_eq!(
+            a.current_version()?,
+            before[a.node().as_str()],
+            "{}",
+            a.node()
+        );
     }
     let log = fleet.rollout_log(id)?;
     let sent = log

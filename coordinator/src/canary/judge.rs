@@ -3,12 +3,22 @@
 //!
 //! Per metric (values that are not finite are dropped first):
 //! 1. **No data** when either group has fewer than `min_samples` values.
-//! 2. **The test**: the two-sided Mann–Whitney U test on the pooled values of each group.
-//!    Only a change significant at `p < 1 − confidence` can fail a metric.
-//! 3. **The effect**: the ratio of the canary mean to the baseline mean. A zero baseline
+//! 2. **Anchoring**: given [`Anchors`] (each node's samples from before the first canary
+//!    switch, all nodes then on the old version) and a usable level for *every* node of both
+//!    groups (at least `min_samples` anchor values, their mean finite and positive), each
+//!    node's values are divided by its own level: from here on the metric is judged on
+//!    per-node relative changes, and `anchored` says so. Otherwise (no anchors, a node
+//!    without enough of them, a zero level) the metric is judged on the values as they are.
+//! 3. **The test**: the two-sided Mann–Whitney U test on the pooled values (anchored: the
+//!    pooled changes) of each group. Only a change significant at `p < 1 − confidence` can
+//!    fail a metric.
+//! 4. **The effect**: the ratio of the canary mean to the baseline mean. A zero baseline
 //!    mean gives `+∞` for a positive canary mean (not "no data", as in Kayenta) and 1 for a
 //!    zero one; for a negative baseline mean the ratio is `1 + (canary − baseline)/|baseline|`.
-//! 4. **The bounds**: the ratio must clear two bars to count: the metric's allowed ratio
+//!    Anchored, it is the mean canary node's change over the mean baseline node's change
+//!    (each node weighing the same): how much more the canary moved than the baseline did
+//!    over the same time, whatever each node's own level.
+//! 5. **The bounds**: the ratio must clear two bars to count: the metric's allowed ratio
 //!    (the smallest change worth failing a canary for) and what node-to-node variation
 //!    alone produces (below): `upper = max(allowed_increase, w)`, `lower =
 //!    min(allowed_decrease, 1/w)`. High: increases are bad, the test is significant and the
@@ -34,6 +44,19 @@
 //!   nodes: the ratio must exceed that many standard errors of the canary/baseline ratio
 //!   under node-to-node variation. More nodes per group, tighter bound.
 //!
+//! **Why anchoring, and what it cannot do.** A node's own level persists: the node that
+//! served 20 % more errors than the others yesterday does so today, on either version. One
+//! canary node cannot tell "this node is worse" from "this version is worse", but the node
+//! before its switch can: dividing by its own level removes its persistent difference, and
+//! what is left between nodes is each window's sampling noise and how far a node's level
+//! drifted in between. The same bound applies to the changes, with `s_obs` measured on the
+//! per-node changes and the metric's `expected_node_drift` as `s₀`. The gain is the node
+//! differences removed, the cost the anchor window's own sampling noise added: anchoring
+//! helps most where nodes differ by more than their samples' noise (traffic, CPU, latency
+//! under a busy histogram), least for sparse counts (a few errors per interval), where a
+//! longer `anchor_secs` is what lowers the noise. Every node of both groups needs a level:
+//! a comparison of some nodes' changes with other nodes' levels would mix the two scales.
+//!
 //! **Score and verdict.** A metric counts if it was judged, or has no data under
 //! `no_data = "fail"` (then it counts as failing). Per group, the share of counted metrics
 //! that pass; the score is `100 ·` the weighted mean of those shares over the groups with a
@@ -54,8 +77,19 @@ use serde::{Deserialize, Serialize};
 use super::config::{CanaryConfig, Direction, MetricSpec, NoDataPolicy};
 use super::mann_whitney::mann_whitney;
 
-/// Per metric name, one `Vec` of values per node of the group (node order irrelevant).
+/// Per metric name, one `Vec` of values per node of the group, in the group's node order
+/// (a node without values of the metric has an empty `Vec`, so that the order holds). The
+/// order matters only next to [`Anchors`].
 pub type GroupSamples = BTreeMap<String, Vec<Vec<f64>>>;
+
+/// Every node's samples from the anchor window, before the first canary node switched, when
+/// all nodes of both groups ran the old version: node `i` of `canary[metric]` is node `i` of
+/// the judged canary group's `metric`, likewise for the baseline.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Anchors {
+    pub canary: GroupSamples,
+    pub baseline: GroupSamples,
+}
 
 /// The outcome of a canary judgment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,10 +192,15 @@ pub struct MetricJudgment {
     /// The Mann–Whitney two-sided p-value.
     #[serde(with = "extended_float", default)]
     pub p_value: Option<f64>,
-    /// The measured relative standard deviation of per-node means (before pooling with the
-    /// expected spread); `None` with one node a side.
+    /// The measured relative standard deviation of per-node means (of per-node changes,
+    /// when anchored) before pooling with the expected spread; `None` with one node a side.
     #[serde(with = "extended_float", default)]
     pub node_spread: Option<f64>,
+    /// Judged on each node's change against its own anchor level (the ratio is then mean
+    /// canary change / mean baseline change, not canary mean / baseline mean). Judgments
+    /// stored before anchoring existed read as `false`, which is what they were.
+    #[serde(default)]
+    pub anchored: bool,
 }
 
 impl MetricJudgment {
@@ -200,18 +239,33 @@ impl MetricJudgment {
     }
 }
 
-/// Judges `canary` against `baseline` under `config` (which passed `validate`).
-pub fn judge(config: &CanaryConfig, canary: &GroupSamples, baseline: &GroupSamples) -> Judgment {
+/// Judges `canary` against `baseline` under `config` (which passed `validate`); each metric
+/// whose every node has a usable level in `anchors` is judged on the nodes' changes, unless
+/// `anchor_secs` is 0 (anchoring off: `anchors` is ignored).
+pub fn judge(
+    config: &CanaryConfig,
+    canary: &GroupSamples,
+    baseline: &GroupSamples,
+    anchors: Option<&Anchors>,
+) -> Judgment {
+    let anchors = anchors.filter(|_| config.anchor_secs > 0);
     let empty = Vec::new();
     let mut metrics: Vec<MetricJudgment> = config
         .enabled_metrics()
         .map(|(name, spec)| {
+            let anchors = anchors.map(|anchors| {
+                (
+                    anchors.canary.get(name).unwrap_or(&empty).as_slice(),
+                    anchors.baseline.get(name).unwrap_or(&empty).as_slice(),
+                )
+            });
             judge_metric(
                 config,
                 name,
                 spec,
                 canary.get(name).unwrap_or(&empty),
                 baseline.get(name).unwrap_or(&empty),
+                anchors,
             )
         })
         .collect();
@@ -266,13 +320,24 @@ pub fn judge(config: &CanaryConfig, canary: &GroupSamples, baseline: &GroupSampl
     }
 }
 
+/// One metric's anchor values of the canary nodes and of the baseline nodes.
+type NodeAnchors<'a> = (&'a [Vec<f64>], &'a [Vec<f64>]);
+
 fn judge_metric(
     config: &CanaryConfig,
     name: &str,
     spec: &MetricSpec,
     canary: &[Vec<f64>],
     baseline: &[Vec<f64>],
+    anchors: Option<NodeAnchors<'_>>,
 ) -> MetricJudgment {
+    // Each node's values as changes against its own level, if every node has a level.
+    let changes = anchors.and_then(|(canary_anchors, baseline_anchors)| {
+        Some((
+            changes(canary, canary_anchors, config.min_samples)?,
+            changes(baseline, baseline_anchors, config.min_samples)?,
+        ))
+    });
     let canary = finite_nodes(canary);
     let baseline = finite_nodes(baseline);
     let canary_values: Vec<f64> = canary.iter().flatten().copied().collect();
@@ -294,28 +359,48 @@ fn judge_metric(
         baseline_nodes: baseline.len(),
         p_value: None,
         node_spread: None,
+        anchored: changes.is_some(),
     };
-    let observed = node_spread(&canary, &baseline);
+    // What is compared: the values themselves, or each node's changes (then only sampling
+    // noise and drift remain between nodes, and the drift is the prior).
+    let (judged_canary, judged_baseline, expected_spread) = match &changes {
+        Some((canary, baseline)) => (canary, baseline, spec.expected_node_drift),
+        None => (&canary, &baseline, spec.expected_node_spread),
+    };
+    let observed = node_spread(judged_canary, judged_baseline);
     judgment.node_spread = observed.map(|(spread, _)| spread);
     if canary_values.len() < config.min_samples || baseline_values.len() < config.min_samples {
         return judgment;
     }
-    let (Some(canary_mean), Some(baseline_mean), Some(test)) = (
-        judgment.canary_mean,
-        judgment.baseline_mean,
-        mann_whitney(&canary_values, &baseline_values),
-    ) else {
+    let (Some(canary_mean), Some(baseline_mean)) = (judgment.canary_mean, judgment.baseline_mean)
+    else {
         // Unreachable with min_samples ≥ 1 and finite values; no data is the safe reading.
         return judgment;
     };
-    let ratio = mean_ratio(canary_mean, baseline_mean);
+    // Anchored, each node weighs the same in its group's mean change: each node is one
+    // comparison of a node with itself.
+    let (test, ratio) = match &changes {
+        Some((canary, baseline)) => (
+            mann_whitney(&canary.concat(), &baseline.concat()),
+            mean_of_node_means(canary)
+                .zip(mean_of_node_means(baseline))
+                .map(|(canary, baseline)| mean_ratio(canary, baseline)),
+        ),
+        None => (
+            mann_whitney(&canary_values, &baseline_values),
+            Some(mean_ratio(canary_mean, baseline_mean)),
+        ),
+    };
+    let (Some(test), Some(ratio)) = (test, ratio) else {
+        // As unreachable as above.
+        return judgment;
+    };
     // The measured spread pooled with the expected one, each by its degrees of freedom.
     let (measured, freedom) = observed.unwrap_or((0.0, 0));
     let prior = config.node_spread_prior_df;
     let pooled_freedom = prior + freedom as f64;
     let spread = if pooled_freedom > 0.0 {
-        ((prior * spec.expected_node_spread.powi(2) + freedom as f64 * measured.powi(2))
-            / pooled_freedom)
+        ((prior * expected_spread.powi(2) + freedom as f64 * measured.powi(2)) / pooled_freedom)
             .sqrt()
     } else {
         0.0
@@ -340,6 +425,42 @@ fn judge_metric(
     judgment.lower_bound = lower;
     judgment.p_value = Some(test.p_value);
     judgment
+}
+
+/// Each node's finite values divided by its own anchor level (the mean of its finite anchor
+/// values), nodes without values dropped as [`finite_nodes`] drops them; `None` when a node
+/// with values has no usable level: fewer than `min_samples` anchor values, or a mean that
+/// is not positive (a ratio to zero or across signs says nothing) or not finite.
+fn changes(nodes: &[Vec<f64>], anchors: &[Vec<f64>], min_samples: usize) -> Option<Vec<Vec<f64>>> {
+    let mut changes = Vec::new();
+    for (index, values) in nodes.iter().enumerate() {
+        let values: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if values.is_empty() {
+            continue;
+        }
+        let anchor: Vec<f64> = anchors
+            .get(index)?
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .collect();
+        if anchor.len() < min_samples {
+            return None;
+        }
+        let level = mean(&anchor).filter(|level| level.is_finite() && *level > 0.0)?;
+        let node: Vec<f64> = values.iter().map(|v| v / level).collect();
+        // A level so close to zero that the changes overflow is no level either.
+        if !node.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+        changes.push(node);
+    }
+    Some(changes)
+}
+
+fn mean_of_node_means(nodes: &[Vec<f64>]) -> Option<f64> {
+    let means: Vec<f64> = nodes.iter().filter_map(|values| mean(values)).collect();
+    mean(&means)
 }
 
 /// The nodes' finite values; nodes left without any are dropped.
@@ -451,7 +572,8 @@ fn summarize(
     line
 }
 
-/// `app_error_rate high: canary 0.0075 vs baseline 0.005 (×1.5, bound ≤ ×1.31, p = 3.2e-6)`
+/// `app_error_rate high: canary 0.0075 vs baseline 0.005 (×1.5, bound ≤ ×1.31, p = 3.2e-6)`;
+/// an anchored ratio reads `(anchored ×1.5, …)`, as it is not the quotient of the means.
 fn describe(metric: &MetricJudgment, config: &CanaryConfig) -> String {
     let name = &metric.name;
     match (metric.classification, metric.ratio) {
@@ -477,9 +599,10 @@ fn describe(metric: &MetricJudgment, config: &CanaryConfig) -> String {
                 _ => lower(),
             };
             format!(
-                "{name} {classification}: canary {} vs baseline {} (×{}{}, p = {})",
+                "{name} {classification}: canary {} vs baseline {} ({}×{}{}, p = {})",
                 metric.canary_mean.map_or_else(|| "-".into(), number),
                 metric.baseline_mean.map_or_else(|| "-".into(), number),
+                if metric.anchored { "anchored " } else { "" },
                 number(ratio),
                 bound.unwrap_or_default(),
                 metric.p_value.map_or_else(|| "-".into(), p_value),
@@ -629,6 +752,7 @@ mod tests {
             &CanaryConfig::default(),
             &healthy(&[1.0]),
             &healthy(&[0.98, 1.0, 1.03]),
+            None,
         );
         assert_eq!(judgment.verdict, Verdict::Pass, "{}", judgment.summary);
         assert_eq!(judgment.score, 100.0);
@@ -655,7 +779,7 @@ mod tests {
             names::APP_ERROR_RATE.into(),
             nodes(&[0.0075], 30, 0.3), // +50 %
         );
-        let judgment = judge(&CanaryConfig::default(), &canary, &baseline);
+        let judgment = judge(&CanaryConfig::default(), &canary, &baseline, None);
         assert_eq!(judgment.verdict, Verdict::Fail);
         let errors = &judgment.metrics[0];
         assert_eq!(errors.name, names::APP_ERROR_RATE, "hottest first");
@@ -691,6 +815,7 @@ mod tests {
             &config,
             &samples(&[(names::APP_ERROR_RATE, vec![canary_errors])]),
             &samples(&[(names::APP_ERROR_RATE, vec![vec![0.0; 30]; 3])]),
+            None,
         );
         let errors = metric(&judgment, names::APP_ERROR_RATE);
         assert_eq!(errors.classification, Classification::High);
@@ -712,6 +837,7 @@ mod tests {
             &config,
             &samples(&[(names::APP_ERROR_RATE, vec![vec![0.0; 30]])]),
             &samples(&[(names::APP_ERROR_RATE, vec![vec![0.0; 30]; 3])]),
+            None,
         );
         let errors = metric(&judgment, names::APP_ERROR_RATE);
         assert_eq!(
@@ -731,6 +857,7 @@ mod tests {
             &config,
             &samples(&[("app:x", vec![canary])]),
             &samples(&[("app:x", vec![vec![1.0; 10]])]),
+            None,
         );
         let x = metric(&judgment, "app:x");
         assert_eq!(x.classification, Classification::High);
@@ -743,6 +870,7 @@ mod tests {
             &only(&[names::APP_ERROR_RATE]),
             &samples(&[(names::APP_ERROR_RATE, vec![blip])]),
             &samples(&[(names::APP_ERROR_RATE, vec![vec![0.0; 30]; 3])]),
+            None,
         );
         let errors = metric(&judgment, names::APP_ERROR_RATE);
         assert_eq!(errors.ratio, Some(f64::INFINITY));
@@ -761,7 +889,7 @@ mod tests {
             names::APP_LATENCY_P99_MS,
             nodes(&[80.0, 88.0, 96.0], 30, 0.02),
         )]);
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         let p99 = metric(&judgment, names::APP_LATENCY_P99_MS);
         assert!(p99.p_value.expect("p") < 1e-6);
         assert!(p99.ratio.expect("ratio") > 1.13);
@@ -777,15 +905,162 @@ mod tests {
         // Without the node-spread bound the same canary fails: that rule is what saves it.
         let mut strict = config.clone();
         strict.node_spread_factor = 0.0;
-        let judgment = judge(&strict, &canary, &baseline);
+        let judgment = judge(&strict, &canary, &baseline, None);
         assert_eq!(
             metric(&judgment, names::APP_LATENCY_P99_MS).classification,
             Classification::High
         );
         // And a canary well outside the baseline nodes' spread still fails.
         let slow = samples(&[(names::APP_LATENCY_P99_MS, nodes(&[130.0], 30, 0.02))]);
-        let judgment = judge(&config, &slow, &baseline);
+        let judgment = judge(&config, &slow, &baseline, None);
         assert_eq!(judgment.verdict, Verdict::Fail, "{}", judgment.summary);
+    }
+
+    /// The same samples in another order: an anchor window with the same level per node.
+    fn rotated(group: &GroupSamples, by: usize) -> GroupSamples {
+        group
+            .iter()
+            .map(|(name, nodes)| {
+                let nodes = nodes
+                    .iter()
+                    .map(|values| {
+                        let mut values = values.clone();
+                        let by = by % values.len().max(1);
+                        values.rotate_left(by);
+                        values
+                    })
+                    .collect();
+                (name.clone(), nodes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_anchored_canary_node_that_is_inherently_worse_but_unchanged_passes() {
+        // The canary node runs 20 % worse on every metric, before and after its switch.
+        let canary = healthy(&[1.2]);
+        let baseline = healthy(&[0.98, 1.0, 1.03]);
+        let anchors = Anchors {
+            canary: rotated(&canary, 11),
+            baseline: rotated(&baseline, 5),
+        };
+        let config = CanaryConfig::default();
+        let judgment = judge(&config, &canary, &baseline, Some(&anchors));
+        assert_eq!(judgment.verdict, Verdict::Pass, "{}", judgment.summary);
+        assert!(judgment.metrics.iter().all(|m| m.anchored), "{judgment:?}");
+        let p99 = metric(&judgment, names::APP_LATENCY_P99_MS);
+        assert!((p99.ratio.expect("ratio") - 1.0).abs() < 1e-9);
+        // The raw means still say what the nodes run at.
+        let raw = p99.canary_mean.expect("mean") / p99.baseline_mean.expect("mean");
+        assert!(raw > 1.19, "{raw}");
+        assert!(
+            judgment.summary.contains("(anchored ×"),
+            "{}",
+            judgment.summary
+        );
+        // Unanchored, the same canary fails on its p99 latency: it is an unusual node.
+        let judgment = judge(&config, &canary, &baseline, None);
+        assert_eq!(judgment.verdict, Verdict::Fail, "{}", judgment.summary);
+        assert_eq!(judgment.metrics[0].name, names::APP_LATENCY_P99_MS);
+        assert!(!judgment.metrics[0].anchored);
+    }
+
+    #[test]
+    fn an_anchored_error_rate_fifty_percent_up_on_an_inherently_better_node_fails() {
+        // The canary node has 20 % fewer errors than the others; the new version raises them
+        // by half, to 1.2 × the baseline level: within node-to-node spread, so unanchored
+        // it passes.
+        let baseline = healthy(&[0.98, 1.0, 1.03]);
+        let anchor_canary = healthy(&[0.8]);
+        let mut canary = rotated(&anchor_canary, 11);
+        canary.insert(
+            names::APP_ERROR_RATE.into(),
+            nodes(&[0.8 * 1.5 * 0.005], 30, 0.3),
+        );
+        let anchors = Anchors {
+            canary: anchor_canary,
+            baseline: rotated(&baseline, 5),
+        };
+        let unanchored = judge(&CanaryConfig::default(), &canary, &baseline, None);
+        let errors = metric(&unanchored, names::APP_ERROR_RATE);
+        assert_eq!(errors.classification, Classification::Pass);
+        assert!(errors.ratio.expect("ratio") < 1.25);
+
+        let judgment = judge(&CanaryConfig::default(), &canary, &baseline, Some(&anchors));
+        let errors = metric(&judgment, names::APP_ERROR_RATE);
+        assert!(errors.anchored);
+        assert_eq!(errors.classification, Classification::High, "{errors:?}");
+        let ratio = errors.ratio.expect("ratio");
+        assert!((ratio - 1.5).abs() < 0.01, "{ratio}");
+        assert!(ratio > errors.upper_bound.expect("upper"));
+        assert_eq!(judgment.verdict, Verdict::Fail);
+        assert!(
+            judgment
+                .summary
+                .starts_with("fail: critical app_error_rate high: canary 0.006137 vs baseline 0.005145 (anchored ×1.5, bound ≤ ×"),
+            "{}",
+            judgment.summary
+        );
+    }
+
+    #[test]
+    fn a_node_without_an_anchor_or_with_a_zero_level_is_judged_unanchored() {
+        let config = only(&[names::APP_ERROR_RATE, names::APP_LATENCY_P50_MS]);
+        let canary = samples(&[
+            (names::APP_ERROR_RATE, nodes(&[0.005], 30, 0.3)),
+            (names::APP_LATENCY_P50_MS, nodes(&[20.0], 30, 0.05)),
+        ]);
+        let baseline = samples(&[
+            (names::APP_ERROR_RATE, nodes(&[0.005, 0.005], 30, 0.3)),
+            (names::APP_LATENCY_P50_MS, nodes(&[20.0, 21.0], 30, 0.05)),
+        ]);
+        let unanchored = judge(&config, &canary, &baseline, None);
+
+        // The second baseline node has p50 samples before the switch but too few; the canary
+        // node had no errors at all before (a zero level): both metrics fall back, whole.
+        let mut anchors = Anchors {
+            canary: rotated(&canary, 3),
+            baseline: rotated(&baseline, 3),
+        };
+        anchors
+            .canary
+            .insert(names::APP_ERROR_RATE.into(), vec![vec![0.0; 30]]);
+        let p50 = anchors
+            .baseline
+            .get_mut(names::APP_LATENCY_P50_MS)
+            .expect("p50");
+        p50[1].truncate(config.min_samples - 1);
+        let judgment = judge(&config, &canary, &baseline, Some(&anchors));
+        assert!(judgment.metrics.iter().all(|m| !m.anchored));
+        assert_eq!(judgment, unanchored);
+
+        // A node missing from the anchors altogether (shorter list) falls back too.
+        let mut anchors = Anchors {
+            canary: rotated(&canary, 3),
+            baseline: rotated(&baseline, 3),
+        };
+        for nodes in anchors.baseline.values_mut() {
+            nodes.truncate(1);
+        }
+        assert_eq!(
+            judge(&config, &canary, &baseline, Some(&anchors)),
+            unanchored
+        );
+        // With every level usable, both are anchored.
+        let anchors = Anchors {
+            canary: rotated(&canary, 3),
+            baseline: rotated(&baseline, 3),
+        };
+        let judgment = judge(&config, &canary, &baseline, Some(&anchors));
+        assert!(judgment.metrics.iter().all(|m| m.anchored));
+
+        // A judgment stored before anchoring existed reads as unanchored.
+        let mut json = serde_json::to_value(&unanchored).expect("json");
+        for metric in json["metrics"].as_array_mut().expect("metrics") {
+            metric.as_object_mut().expect("object").remove("anchored");
+        }
+        let back: Judgment = serde_json::from_value(json).expect("reads");
+        assert_eq!(back, unanchored);
     }
 
     #[test]
@@ -799,7 +1074,7 @@ mod tests {
             (names::APP_ERROR_RATE, nodes(&[0.01, 0.01], 30, 0.1)),
             (names::APP_LATENCY_P50_MS, nodes(&[20.0, 20.0], 30, 0.05)),
         ]);
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         let errors = metric(&judgment, names::APP_ERROR_RATE);
         assert_eq!(errors.classification, Classification::NoData);
         assert!(!errors.counted);
@@ -824,7 +1099,7 @@ mod tests {
             .get_mut(names::APP_ERROR_RATE)
             .expect("configured")
             .no_data = NoDataPolicy::Fail;
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         assert_eq!(judgment.verdict, Verdict::Fail);
         assert_eq!(
             judgment.summary,
@@ -836,6 +1111,7 @@ mod tests {
             &CanaryConfig::default(),
             &GroupSamples::new(),
             &GroupSamples::new(),
+            None,
         );
         assert_eq!((judgment.verdict, judgment.score), (Verdict::Marginal, 0.0));
         assert!(
@@ -861,7 +1137,7 @@ mod tests {
             (names::APP_REQUEST_RATE, nodes(&[50.0, 50.0], 30, 0.05)),
             ("app:x", nodes(&[10.0, 10.0], 30, 0.05)),
         ]);
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         assert_eq!(
             metric(&judgment, names::APP_LATENCY_P50_MS).classification,
             Classification::Pass
@@ -874,7 +1150,7 @@ mod tests {
         assert_eq!(x.classification, Classification::Low);
         assert!(x.lower_bound.is_some() && x.upper_bound.is_some());
         // The opposite changes fail: slower and less traffic.
-        let judgment = judge(&config, &baseline, &canary);
+        let judgment = judge(&config, &baseline, &canary, None);
         assert_eq!(
             metric(&judgment, names::APP_LATENCY_P50_MS).classification,
             Classification::High
@@ -905,7 +1181,7 @@ mod tests {
             (names::HOST_CPU_PERCENT, nodes(&[20.0], 30, 0.05)),
         ]);
         // Latency: 1 of 2 pass (weight 3); host: 1 of 1 (weight 1) → (3·½ + 1)/4 = 62.5.
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         assert_eq!(judgment.score, 62.5);
         assert_eq!(judgment.verdict, Verdict::Marginal);
         assert!(
@@ -917,7 +1193,7 @@ mod tests {
         );
         // CPU fails too: (3·½ + 0)/4 = 37.5 → fail.
         canary.insert(names::HOST_CPU_PERCENT.into(), nodes(&[40.0], 30, 0.05));
-        let judgment = judge(&config, &canary, &baseline);
+        let judgment = judge(&config, &canary, &baseline, None);
         assert_eq!((judgment.score, judgment.verdict), (37.5, Verdict::Fail));
         assert!(judgment
             .summary
@@ -947,6 +1223,7 @@ mod tests {
             &config,
             &samples(&[(names::APP_LATENCY_P50_MS, canary_values)]),
             &samples(&[(names::APP_LATENCY_P50_MS, nodes(&[20.0, 20.0], 30, 0.05))]),
+            None,
         );
         let p50 = metric(&judgment, names::APP_LATENCY_P50_MS);
         assert_eq!(p50.canary_samples, 30);

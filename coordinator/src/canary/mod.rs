@@ -12,11 +12,13 @@
 //! an infinite ratio instead of "no data"; a change counts only when it is both significant
 //! and beyond the bound, and the ratio shown is the one that decided; the bound also covers
 //! node-to-node variation (measured, pooled with an expected spread), so a one-node canary
-//! is not failed for being an ordinary node; every number that decided is in the result. Its measured false-alarm and
-//! detection rates are in the README (`bench-canary`).
+//! is not failed for being an ordinary node; where each node's samples from before the
+//! canary switched are given (the anchor window), each node is its own control and its
+//! change is judged rather than its level; every number that decided is in the result. Its
+//! measured false-alarm and detection rates are in the README (`bench-canary`).
 //!
 //! **Invariant**: nothing here does I/O or reads a clock. The caller (the rollout) chooses
-//! the window, queries the metric store and passes the values in.
+//! the windows, queries the metric store and passes the values in.
 
 mod config;
 mod judge;
@@ -25,4 +27,4 @@ pub mod mann_whitney;
 pub use config::{
     CanaryConfig, CanaryConfigError, Direction, MetricSpec, NoDataPolicy, DEFAULT_GROUP,
 };
-pub use judge::{judge, Classification, GroupSamples, Judgment, MetricJudgment, Verdict};
+pub use judge::{judge, Anchors, Classification, GroupSamples, Judgment, MetricJudgment, Verdict};

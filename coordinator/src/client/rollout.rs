@@ -700,6 +700,7 @@ fn canary_text(report: &CanaryReport) -> String {
         "METRIC",
         "RESULT",
         "RATIO",
+        "ANCHORED",
         "BOUNDS",
         "CANARY MEAN",
         "BASELINE MEAN",
@@ -719,6 +720,7 @@ fn canary_text(report: &CanaryReport) -> String {
             format!("{}{}", metric.name, if metric.critical { " *" } else { "" }),
             result,
             number(metric.ratio),
+            if metric.anchored { "yes" } else { "no" }.to_owned(),
             bounds(metric),
             number(metric.canary_mean),
             number(metric.baseline_mean),
@@ -734,6 +736,9 @@ fn canary_text(report: &CanaryReport) -> String {
         "  * critical: failing it fails the canary. pass ≥ {}, marginal ≥ {}, confidence {}\n",
         judgment.pass_score, judgment.marginal_score, judgment.confidence
     );
+    if judgment.metrics.iter().any(|m| m.anchored) {
+        out += "  anchored: the ratio is of each node's change against its own level before the first canary switch\n";
+    }
     out
 }
 

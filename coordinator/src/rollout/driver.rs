@@ -28,8 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::engine::{
-    CanaryTiming, CommandKind, Counts, Desired, Head, LogLine, Order, Rollout, Status, Step, Wave,
-    WavePhase,
+    CanaryTiming, CommandKind, Desired, Head, LogLine, Order, Rollout, Status, Step,
 };
 use super::fleet::{NodeObserver, Observed};
 use super::plan::{self, plural, Plan, PlanError, PlanOptions, Selector};
@@ -178,19 +177,15 @@ impl Rollouts {
     }
 
     pub async fn start(&self, start: StartRequest, who: Identity) -> Result<Started, StartError> {
-        let (reply, answer) = oneshot::channel();
-        let request = Request::Start {
-            start: Box::new(start),
-            who,
-            reply,
-        };
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| StartError::Failed(GONE.to_owned()))?;
-        answer
-            .await
-            .map_err(|_| StartError::Failed(GONE.to_owned()))?
+        self.ask(
+            |reply| Request::Start {
+                start: Box::new(start),
+                who,
+                reply,
+            },
+            || StartError::Failed(GONE.to_owned()),
+        )
+        .await
     }
 
     pub async fn control(
@@ -199,20 +194,31 @@ impl Rollouts {
         control: Control,
         who: Identity,
     ) -> Result<RolloutView, ControlFailure> {
+        self.ask(
+            |reply| Request::Control {
+                id,
+                control,
+                who,
+                reply,
+            },
+            || ControlFailure::Failed(GONE.to_owned()),
+        )
+        .await
+    }
+
+    /// Sends the driver task a request carrying its reply channel and waits for the answer;
+    /// `gone` is the error when the task has stopped.
+    async fn ask<T, E>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, E>>) -> Request,
+        gone: impl Fn() -> E,
+    ) -> Result<T, E> {
         let (reply, answer) = oneshot::channel();
-        let request = Request::Control {
-            id,
-            control,
-            who,
-            reply,
-        };
         self.requests
-            .send(request)
+            .send(request(reply))
             .await
-            .map_err(|_| ControlFailure::Failed(GONE.to_owned()))?;
-        answer
-            .await
-            .map_err(|_| ControlFailure::Failed(GONE.to_owned()))?
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 }
 
@@ -636,41 +642,13 @@ impl Driver {
         let config = report::canary_config(&info);
         let now = unix_now();
         let head = Head {
-            id,
-            release: release.clone(),
             selector: selector.clone(),
             canary_timing: CanaryTiming {
                 warmup_secs: config.warmup_secs,
                 min_window_secs: config.window_secs,
             },
             http_sources,
-            started_at: now,
-            started_by: who.0.clone(),
-            status: Status::Running,
-            reason: None,
-            finished_at: None,
-            paused_for_canary: false,
-            canary_accepted: false,
-            waves: plan
-                .waves
-                .iter()
-                .zip(&waves)
-                .map(|(target, nodes)| Wave {
-                    target: *target,
-                    nodes: nodes.len() as u32,
-                    phase: WavePhase::Pending,
-                    started_at: None,
-                    staged_at: None,
-                    switched_at: None,
-                    bake_until: None,
-                    gates: Vec::new(),
-                    counts: Counts::default(),
-                })
-                .collect(),
-            canary: None,
-            late: Counts::default(),
-            in_flight: 0,
-            plan,
+            ..Head::new(id, release.clone(), plan, &waves, who.0.clone(), now)
         };
         let rollout = Rollout::new(head, &waves, now);
         let sizes: Vec<String> = waves.iter().map(|w| w.len().to_string()).collect();

@@ -452,6 +452,59 @@ pub struct Head {
     pub in_flight: u32,
 }
 
+impl Head {
+    /// The head of a rollout `started_by` someone at `now`: running, one pending wave per
+    /// wave of `plan` holding `waves[i]` nodes; any selection, no mirrors, judged as soon as
+    /// a canary switched (set `selector`, `http_sources` and `canary_timing` after).
+    pub fn new(
+        id: u64,
+        release: ReleaseId,
+        plan: Plan,
+        waves: &[Vec<NodeId>],
+        started_by: String,
+        now: UnixSeconds,
+    ) -> Head {
+        let waves = plan
+            .waves
+            .iter()
+            .zip(waves)
+            .map(|(target, nodes)| Wave {
+                target: *target,
+                nodes: nodes.len() as u32,
+                phase: WavePhase::Pending,
+                started_at: None,
+                staged_at: None,
+                switched_at: None,
+                bake_until: None,
+                gates: Vec::new(),
+                counts: Counts::default(),
+            })
+            .collect();
+        Head {
+            id,
+            release,
+            selector: Selector::default(),
+            plan,
+            canary_timing: CanaryTiming {
+                warmup_secs: 0,
+                min_window_secs: 0,
+            },
+            http_sources: Vec::new(),
+            started_at: now,
+            started_by,
+            status: Status::Running,
+            reason: None,
+            finished_at: None,
+            paused_for_canary: false,
+            canary_accepted: false,
+            waves,
+            canary: None,
+            late: Counts::default(),
+            in_flight: 0,
+        }
+    }
+}
+
 /// A command the driver must send (numbered, sealed, stored, flushed, then published).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandKind {

@@ -166,43 +166,7 @@ fn rollout(sim: &Sim, options: PlanOptions) -> Rollout {
     let reached = plan::resolve_waves(&plan.waves, nodes.len()).expect("resolves");
     let app = AppName::new("web").expect("app");
     let waves = plan::assign_waves(&app, &nodes, &reached);
-    let head = Head {
-        id: 7,
-        release: web("2"),
-        selector: Selector::default(),
-        canary_timing: CanaryTiming {
-            warmup_secs: 0,
-            min_window_secs: 0,
-        },
-        http_sources: Vec::new(),
-        started_at: sim.now,
-        started_by: "alice".into(),
-        status: Status::Running,
-        reason: None,
-        finished_at: None,
-        paused_for_canary: false,
-        canary_accepted: false,
-        waves: plan
-            .waves
-            .iter()
-            .zip(&waves)
-            .map(|(target, nodes)| Wave {
-                target: *target,
-                nodes: nodes.len() as u32,
-                phase: WavePhase::Pending,
-                started_at: None,
-                staged_at: None,
-                switched_at: None,
-                bake_until: None,
-                gates: Vec::new(),
-                counts: Counts::default(),
-            })
-            .collect(),
-        canary: None,
-        late: Counts::default(),
-        in_flight: 0,
-        plan,
-    };
+    let head = Head::new(7, web("2"), plan, &waves, "alice".into(), sim.now);
     Rollout::new(head, &waves, sim.now)
 }
 

@@ -2,13 +2,16 @@
 //! streams, next to a plain ratio judge measured on the same streams (issue 5).
 //!
 //! ```text
-//! cargo run --release -p system-tests --bin bench-canary [-- --runs 1000 --seed 1]
+//! cargo run --release -p system-tests --bin bench-canary \
+//!     [-- --runs 1000 --seed 1 --anchor-secs 600]
 //! ```
 //!
-//! Each run simulates one judgment window (`CanaryConfig::default().window_secs`, after the
-//! warm-up) of a fleet of identical nodes, sample by sample as the agent reports them, and
-//! judges the canary nodes against the baseline nodes with the real
-//! `coordinator::canary::judge` and `CanaryConfig::default()`.
+//! Each run simulates an anchor window (`anchor_secs`, every node on the old version, just
+//! before the canary switches) and one judgment window (`window_secs`, after the warm-up)
+//! of a fleet of nodes, sample by sample as the agent reports them, and judges the canary
+//! nodes against the baseline nodes with the real `coordinator::canary::judge` and
+//! `CanaryConfig::default()` (`--anchor-secs` overrides its anchor window, for a
+//! sensitivity figure).
 //!
 //! **The simulated fleet** (chosen before the judge's defaults were tuned, and not changed
 //! to suit them; see [`Fleet::REALISTIC`]):
@@ -23,6 +26,11 @@
 //! - Node-to-node variation: every node draws its own multiplicative factors (lognormal)
 //!   for traffic, error rate, latency, CPU and memory, once per run. Interval-to-interval
 //!   variation: traffic bursts, error bursts and latency jitter per node and interval.
+//! - Drift: between the anchor window and the judgment window each of a node's factors
+//!   moves by its own lognormal factor of σ 0.03 (a node's clients and neighbours change a
+//!   little over ten minutes; chosen with the anchoring, before measuring it, as a small
+//!   realistic drift, not fitted to the judge). Both windows draw their interval noise
+//!   independently.
 //! - Scenarios: A/A (canary nodes drawn like the baseline nodes); the error probability
 //!   ×1.5 on the canary; a latency tail regression on the canary that raises the true p99
 //!   by 30 % and leaves the median alone (the lognormal's σ grows by ln 1.3 / z₀.₉₉).
@@ -30,14 +38,16 @@
 //!
 //! **Figures**, per fleet, layout and scenario over `--runs` runs: A/A false alarms (verdict
 //! fail or marginal) and detection (verdict fail) of
-//! - our judge with `CanaryConfig::default()`;
-//! - the same without its node-to-node bound (`node_spread_factor = 0`), to show what that
-//!   rule buys and costs;
+//! - our judge with `CanaryConfig::default()`, anchored on each node's own level;
+//! - the same with anchoring off (`anchor_secs = 0`): to show what anchoring buys;
 //! - a plain ratio judge that fails a canary when any metric our judge judged has a
-//!   canary/baseline mean ratio outside [0.8, 1.2] (same samples, same means).
+//!   canary/baseline mean ratio outside [0.8, 1.2] (same samples, same means, no anchors).
 //!
 //! Rows: the realistic fleet for each layout, then the one-node canary on the same fleet
-//! with identical nodes and with twice the node-to-node variation (sensitivity).
+//! with identical nodes (no node differences, no drift) and with twice the node-to-node
+//! variation and drift (sensitivity). Then the spread the judge measured in A/A runs, per
+//! metric, with and without anchors: what `expected_node_spread` and `expected_node_drift`
+//! are meant to expect.
 //!
 //! Prints the parameters and markdown tables on stdout, progress on stderr.
 
@@ -46,7 +56,9 @@ use std::process::ExitCode;
 use std::thread;
 
 use anyhow::{bail, Context as _, Result};
-use coordinator::canary::{judge, CanaryConfig, Direction, GroupSamples, Judgment, Verdict};
+use coordinator::canary::{
+    judge, Anchors, CanaryConfig, Direction, GroupSamples, Judgment, Verdict,
+};
 use protocol::telemetry::{histogram_quantile, names};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -70,6 +82,9 @@ struct Fleet {
     /// Median request latency, seconds, and the σ of its logarithm within an interval.
     latency_median_secs: f64,
     latency_sigma: f64,
+    /// σ of the log of the drift of each of a node's factors between the anchor window and
+    /// the judgment window.
+    node_drift_sigma: f64,
     /// σ of the log of each node's own factor (node-to-node variation).
     node_traffic_sigma: f64,
     node_error_sigma: f64,
@@ -101,6 +116,7 @@ impl Fleet {
         error_rate: 0.005,
         latency_median_secs: 0.020,
         latency_sigma: 0.6,
+        node_drift_sigma: 0.03,
         node_traffic_sigma: 0.2,
         node_error_sigma: 0.1,
         node_latency_sigma: 0.05,
@@ -117,10 +133,11 @@ impl Fleet {
         mem_used_percent: 45.0,
     };
 
-    /// The same fleet with every node-to-node factor scaled by `scale` (0: identical
-    /// nodes, sampling noise only), for the sensitivity rows.
+    /// The same fleet with every node-to-node factor and the drift scaled by `scale` (0:
+    /// identical nodes, sampling noise only), for the sensitivity rows.
     fn with_node_variation(self, scale: f64) -> Fleet {
         Fleet {
+            node_drift_sigma: self.node_drift_sigma * scale,
             node_traffic_sigma: self.node_traffic_sigma * scale,
             node_error_sigma: self.node_error_sigma * scale,
             node_latency_sigma: self.node_latency_sigma * scale,
@@ -165,6 +182,8 @@ const Z_99: f64 = 2.326_347_874_040_841;
 struct Args {
     runs: usize,
     seed: u64,
+    /// Overrides the default `anchor_secs` (judge and simulated anchor window alike).
+    anchor_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -181,6 +200,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         runs: 1000,
         seed: 1,
+        anchor_secs: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -188,7 +208,12 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--runs" => args.runs = value()?.parse().context("--runs: a count")?,
             "--seed" => args.seed = value()?.parse().context("--seed: a number")?,
-            other => bail!("unknown argument {other:?} (expected --runs N, --seed N)"),
+            "--anchor-secs" => {
+                args.anchor_secs = Some(value()?.parse().context("--anchor-secs: seconds")?)
+            }
+            other => {
+                bail!("unknown argument {other:?} (expected --runs N, --seed N, --anchor-secs N)")
+            }
         }
     }
     if args.runs == 0 {
@@ -216,28 +241,52 @@ impl Row {
 #[derive(Debug, Default, Clone)]
 struct Tally {
     runs: usize,
-    /// Our judge with the defaults.
+    /// Our judge with the defaults (anchored).
     ours: usize,
-    /// Our judge with `node_spread_factor = 0` (no node-to-node guard).
-    without_spread: usize,
+    /// Our judge with anchoring off.
+    unanchored: usize,
     /// The plain ratio judge.
     ratio: usize,
+    /// Runs in which our judge anchored every judged metric.
+    all_anchored: usize,
     /// Our judge's alarms by the metric listed first (the one the summary names).
     alarm_metrics: BTreeMap<String, usize>,
+    /// Per metric: the sum of squared measured spreads (anchored, unanchored) and their
+    /// count, for the RMS spread.
+    spreads: BTreeMap<String, Spread>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Spread {
+    anchored: (f64, usize),
+    unanchored: (f64, usize),
+}
+
+impl Spread {
+    fn add(&mut self, other: Spread) {
+        self.anchored.0 += other.anchored.0;
+        self.anchored.1 += other.anchored.1;
+        self.unanchored.0 += other.unanchored.0;
+        self.unanchored.1 += other.unanchored.1;
+    }
 }
 
 impl Tally {
     fn add(&mut self, other: Tally) {
         self.runs += other.runs;
         self.ours += other.ours;
-        self.without_spread += other.without_spread;
+        self.unanchored += other.unanchored;
         self.ratio += other.ratio;
+        self.all_anchored += other.all_anchored;
         for (name, count) in other.alarm_metrics {
             *self.alarm_metrics.entry(name).or_default() += count;
         }
+        for (name, spread) in other.spreads {
+            self.spreads.entry(name).or_default().add(spread);
+        }
     }
 
-    fn record(&mut self, aa: bool, ours: &Judgment, without_spread: &Judgment) {
+    fn record(&mut self, aa: bool, ours: &Judgment, unanchored: &Judgment) {
         let alarm = |judgment: &Judgment| match judgment.verdict {
             Verdict::Fail => true,
             Verdict::Marginal => aa,
@@ -250,27 +299,58 @@ impl Tally {
                 *self.alarm_metrics.entry(worst.name.clone()).or_default() += 1;
             }
         }
-        self.without_spread += usize::from(alarm(without_spread));
-        // Same samples, same means: the plain judge reads our judgment's ratios.
-        let outside = ours.metrics.iter().any(|m| {
+        self.unanchored += usize::from(alarm(unanchored));
+        self.all_anchored += usize::from(
+            ours.metrics
+                .iter()
+                .filter(|m| m.counted)
+                .all(|m| m.anchored),
+        );
+        // Same samples, same means: the plain judge reads the unanchored judgment's ratios
+        // (canary mean over baseline mean).
+        let outside = unanchored.metrics.iter().any(|m| {
             m.counted
                 && m.ratio
                     .is_some_and(|r| !(RATIO_BAND.0..=RATIO_BAND.1).contains(&r))
         });
         self.ratio += usize::from(outside);
+        for (judgment, anchored) in [(ours, true), (unanchored, false)] {
+            for metric in &judgment.metrics {
+                let Some(spread) = metric.node_spread.filter(|_| metric.anchored == anchored)
+                else {
+                    continue;
+                };
+                let entry = self.spreads.entry(metric.name.clone()).or_default();
+                let sum = if anchored {
+                    &mut entry.anchored
+                } else {
+                    &mut entry.unanchored
+                };
+                sum.0 += spread * spread;
+                sum.1 += 1;
+            }
+        }
     }
 }
 
 fn bench(args: &Args) -> Result<()> {
-    let config = CanaryConfig::default();
+    let mut config = CanaryConfig::default();
+    if let Some(anchor_secs) = args.anchor_secs {
+        config.anchor_secs = anchor_secs;
+    }
     config
         .validate()
         .context("the default canary configuration")?;
-    let mut without_spread = config.clone();
-    without_spread.node_spread_factor = 0.0;
-    let intervals = (config.window_secs as f64 / INTERVAL_SECS).floor() as usize;
+    let unanchored = CanaryConfig {
+        anchor_secs: 0,
+        ..config.clone()
+    };
+    let windows = Windows {
+        anchor: (config.anchor_secs as f64 / INTERVAL_SECS).floor() as usize,
+        judged: (config.window_secs as f64 / INTERVAL_SECS).floor() as usize,
+    };
     let threads = thread::available_parallelism().map_or(1, |n| n.get());
-    print_parameters(args, &config, &Fleet::REALISTIC, intervals);
+    print_parameters(args, &config, &Fleet::REALISTIC, windows);
 
     let mut rows = Vec::new();
     for layout in LAYOUTS {
@@ -301,7 +381,7 @@ fn bench(args: &Args) -> Result<()> {
         let tally = thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|worker| {
-                    let (config, without_spread) = (&config, &without_spread);
+                    let (config, unanchored) = (&config, &unanchored);
                     scope.spawn(move || {
                         let mut tally = Tally::default();
                         for run in (worker..args.runs).step_by(threads) {
@@ -310,17 +390,18 @@ fn bench(args: &Args) -> Result<()> {
                             let key = (row.layout.0 as u64) << 40 | (row.layout.1 as u64) << 32;
                             let seed = splitmix(args.seed ^ splitmix(key | run as u64));
                             let mut rng = StdRng::seed_from_u64(seed);
-                            let (canary, baseline) = simulate_run(
+                            let (canary, baseline, anchors) = simulate_run(
                                 &mut rng,
                                 &row.fleet,
                                 row.layout,
                                 row.scenario,
-                                intervals,
+                                windows,
                             );
+                            // Anchoring off ignores the anchors: the same call otherwise.
                             tally.record(
                                 row.is_aa(),
-                                &judge(config, &canary, &baseline),
-                                &judge(without_spread, &canary, &baseline),
+                                &judge(config, &canary, &baseline, Some(&anchors)),
+                                &judge(unanchored, &canary, &baseline, Some(&anchors)),
                             );
                         }
                         tally
@@ -349,18 +430,30 @@ fn bench(args: &Args) -> Result<()> {
         results.push((row, tally));
     }
     print_results(&results);
+    print_spreads(&results);
     Ok(())
 }
 
-fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals: usize) {
+fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, windows: Windows) {
     println!("## bench-canary");
     println!();
     println!(
-        "{} runs per row, seed {}; window {} s (after a {} s warm-up) = {intervals} samples per node at the agent's {INTERVAL_SECS} s interval.",
-        args.runs, args.seed, config.window_secs, config.warmup_secs
+        "{} runs per row, seed {}; anchor window {} s = {} samples per node, then judgment window {} s (after a {} s warm-up) = {} samples per node, at the agent's {INTERVAL_SECS} s interval.",
+        args.runs,
+        args.seed,
+        config.anchor_secs,
+        windows.anchor,
+        config.window_secs,
+        config.warmup_secs,
+        windows.judged
     );
     println!(
-        "Judge: `CanaryConfig::default()`: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}, node_spread_prior_df {}.",
+        "Judge: `CanaryConfig::default()`{}: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}, node_spread_prior_df {}.",
+        if args.anchor_secs.is_some() {
+            format!(" with anchor_secs = {}", config.anchor_secs)
+        } else {
+            String::new()
+        },
         config.confidence,
         config.pass_score,
         config.marginal_score,
@@ -375,8 +468,9 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
             Direction::Either => format!("×{}–×{}", spec.allowed_decrease, spec.allowed_increase),
         };
         println!(
-            "- `{name}`: allowed {allowed}, expected node spread {}, group {} (weight {}){}",
+            "- `{name}`: allowed {allowed}, expected node spread {} / drift {}, group {} (weight {}){}",
             spec.expected_node_spread,
+            spec.expected_node_drift,
             spec.group,
             config.groups.get(&spec.group).copied().unwrap_or(1.0),
             if spec.critical { ", critical" } else { "" }
@@ -385,7 +479,7 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
     println!();
     println!(
         "Fleet (realistic): {} req/s per node (median), {} % 5xx, latency lognormal median {} ms σ {} (sample-app buckets, p50/p90/p99 by histogram_quantile); \
-         node-to-node σ (log): traffic {}, errors {}, latency {}, CPU {}, memory {}; per interval σ (log): traffic {}, errors {}, latency {}, CPU {}, run queue {}; memory noise {} %; \
+         node-to-node σ (log): traffic {}, errors {}, latency {}, CPU {}, memory {}; drift of each factor between the windows σ (log) {}; per interval σ (log): traffic {}, errors {}, latency {}, CPU {}, run queue {}; memory noise {} %; \
          CPU {} % + {} % per req/s; memory {} % used.",
         fleet.request_rate,
         fleet.error_rate * 100.0,
@@ -396,6 +490,7 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
         fleet.node_latency_sigma,
         fleet.node_cpu_sigma,
         fleet.node_mem_sigma,
+        fleet.node_drift_sigma,
         fleet.interval_traffic_sigma,
         fleet.interval_error_sigma,
         fleet.interval_latency_sigma,
@@ -410,7 +505,7 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, intervals
 }
 
 fn print_results(results: &[(Row, Tally)]) {
-    println!("| fleet | canary vs baseline nodes | figure | our judge (95 % CI) | without the node-spread guard | plain ratio judge [0.8, 1.2] | target |");
+    println!("| fleet | canary vs baseline nodes | figure | our judge, anchored (95 % CI) | without anchoring (95 % CI) | plain ratio judge [0.8, 1.2] | target |");
     println!("|---|---|---|---|---|---|---|");
     for (row, tally) in results {
         let (figure, target) = if row.is_aa() {
@@ -422,16 +517,25 @@ fn print_results(results: &[(Row, Tally)]) {
             )
         };
         println!(
-            "| {} | {} vs {} | {figure} | **{}** ({}) | {} | {} | {target} |",
+            "| {} | {} vs {} | {figure} | **{}** ({}) | {} ({}) | {} | {target} |",
             row.fleet_label,
             row.layout.0,
             row.layout.1,
             percent(tally.ours, tally.runs),
             wilson(tally.ours, tally.runs),
-            percent(tally.without_spread, tally.runs),
+            percent(tally.unanchored, tally.runs),
+            wilson(tally.unanchored, tally.runs),
             percent(tally.ratio, tally.runs),
         );
     }
+    let (anchored, runs) = results.iter().fold((0, 0), |(anchored, runs), (_, t)| {
+        (anchored + t.all_anchored, runs + t.runs)
+    });
+    println!();
+    println!(
+        "Runs in which every judged metric was anchored: {} of {runs} (the others fell back, metric by metric, e.g. on an error-free anchor window).",
+        anchored
+    );
     println!();
     println!("The metric our judge's alarms named first:");
     println!();
@@ -445,6 +549,39 @@ fn print_results(results: &[(Row, Tally)]) {
             row.layout.1,
             row.scenario.label,
             breakdown(&tally.alarm_metrics)
+        );
+    }
+}
+
+/// The RMS of the spreads the judge measured in the realistic fleet's A/A runs (all
+/// layouts): what the priors stand for.
+fn print_spreads(results: &[(Row, Tally)]) {
+    let mut total: BTreeMap<String, Spread> = BTreeMap::new();
+    for (_, tally) in results
+        .iter()
+        .filter(|(row, _)| row.is_aa() && row.fleet_label == "realistic")
+    {
+        for (name, spread) in &tally.spreads {
+            total.entry(name.clone()).or_default().add(*spread);
+        }
+    }
+    let rms = |(sum, count): (f64, usize)| {
+        if count == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.3}", (sum / count as f64).sqrt())
+        }
+    };
+    println!();
+    println!("Relative spread of per-node means (unanchored) and of per-node changes (anchored) the judge measured, RMS over the realistic fleet's A/A runs:");
+    println!();
+    println!("| metric | per-node means | per-node changes |");
+    println!("|---|---|---|");
+    for (name, spread) in total {
+        println!(
+            "| `{name}` | {} | {} |",
+            rms(spread.unanchored),
+            rms(spread.anchored)
         );
     }
 }
@@ -479,6 +616,13 @@ fn wilson(count: usize, runs: usize) -> String {
     )
 }
 
+/// Samples per node in each window.
+#[derive(Debug, Clone, Copy)]
+struct Windows {
+    anchor: usize,
+    judged: usize,
+}
+
 /// One node's own factors, drawn once per run.
 struct Node {
     traffic: f64,
@@ -498,32 +642,78 @@ impl Node {
             mem_percent: fleet.mem_used_percent * lognormal(rng, fleet.node_mem_sigma),
         }
     }
+
+    /// The same node a little later: each factor moved by its own drift.
+    fn drifted(&self, rng: &mut StdRng, fleet: &Fleet) -> Node {
+        let mut drift = || lognormal(rng, fleet.node_drift_sigma);
+        Node {
+            traffic: self.traffic * drift(),
+            errors: self.errors * drift(),
+            latency: self.latency * drift(),
+            cpu: self.cpu * drift(),
+            mem_percent: self.mem_percent * drift(),
+        }
+    }
 }
 
-/// Canary and baseline samples of one run: the first `layout.0` nodes run the new version.
+/// Canary and baseline samples of one run, and every node's anchor window before: the first
+/// `layout.0` nodes run the new version in the judgment window, all nodes the old one in the
+/// anchor window.
 fn simulate_run(
     rng: &mut StdRng,
     fleet: &Fleet,
     layout: (usize, usize),
     scenario: Scenario,
-    intervals: usize,
-) -> (GroupSamples, GroupSamples) {
-    let (mut canary, mut baseline) = (GroupSamples::new(), GroupSamples::new());
-    // Node factors first, so that a scenario changes nothing but the canary's behaviour.
-    let nodes: Vec<Node> = (0..layout.0 + layout.1)
+    windows: Windows,
+) -> (GroupSamples, GroupSamples, Anchors) {
+    // Node factors and drifts first, so that a scenario changes nothing but the canary's
+    // behaviour in the judgment window.
+    let before: Vec<Node> = (0..layout.0 + layout.1)
         .map(|_| Node::draw(rng, fleet))
         .collect();
-    for (index, node) in nodes.iter().enumerate() {
+    let after: Vec<Node> = before.iter().map(|node| node.drifted(rng, fleet)).collect();
+    let nodes = layout.0 + layout.1;
+    let mut anchors = Anchors::default();
+    let (mut canary, mut baseline) = (GroupSamples::new(), GroupSamples::new());
+    for (index, node) in before.iter().enumerate() {
+        let group = if index < layout.0 {
+            &mut anchors.canary
+        } else {
+            &mut anchors.baseline
+        };
+        for (name, values) in simulate_node(rng, fleet, node, SCENARIOS[0], windows.anchor) {
+            push_node(group, name, index, layout.0, nodes, values);
+        }
+    }
+    for (index, node) in after.iter().enumerate() {
         let (group, effect) = if index < layout.0 {
             (&mut canary, scenario)
         } else {
             (&mut baseline, SCENARIOS[0])
         };
-        for (name, values) in simulate_node(rng, fleet, node, effect, intervals) {
-            group.entry(name).or_default().push(values);
+        for (name, values) in simulate_node(rng, fleet, node, effect, windows.judged) {
+            push_node(group, name, index, layout.0, nodes, values);
         }
     }
-    (canary, baseline)
+    (canary, baseline, anchors)
+}
+
+/// Puts node `index`'s values of `name` in its place in its group (canary nodes first, then
+/// the baseline's), so that each node meets its own anchor even if a node had no values.
+fn push_node(
+    group: &mut GroupSamples,
+    name: String,
+    index: usize,
+    canary_nodes: usize,
+    nodes: usize,
+    values: Vec<f64>,
+) {
+    let (position, size) = if index < canary_nodes {
+        (index, canary_nodes)
+    } else {
+        (index - canary_nodes, nodes - canary_nodes)
+    };
+    group.entry(name).or_insert_with(|| vec![Vec::new(); size])[position] = values;
 }
 
 /// One node's samples over the window, metric by metric, as the agent would report them.

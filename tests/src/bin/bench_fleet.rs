@@ -11,7 +11,8 @@
 //! `src/bin/agent_swarm.rs`), all on this machine. Two seeded releases are generated at run
 //! time (`bench_data`, a ~10 MB tree: media segments, metadata, a binary): v2 rewrites 200 KB
 //! of the binary, edits a config file and adds an 800 KB segment. v1 is installed on every
-//! node by a plain `rollout start` (one wave; not measured), then the measured rollout:
+//! node by a `rollout start` in waves of `--install-wave` nodes (not measured), then the
+//! measured rollout:
 //! `rollout start --version 2 --waves 1,10%,50%,100% --bake 2s`, polled through
 //! `rollout status ID --json` until it is done.
 //!
@@ -64,7 +65,7 @@ const SHAPE: Shape = Shape {
 const AGENTS_PER_PROCESS: usize = 250;
 /// How long the agents may take to connect.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(300);
-/// The v1 install: every node fetches 10 MB at once.
+/// The v1 install: every node fetches 10 MB.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(1200);
 /// The measured rollout; the target is 60 s.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -95,10 +96,19 @@ struct Args {
     rollout_args: Vec<String>,
     /// The canary gate's judgment window after the first wave switches (`[canary]
     /// window_secs` in the releases' release.toml, with no warm-up and the judge's minimum of
-    /// three samples per group): 30 s holds three samples of the canary node at the agent's
-    /// default 10 s metrics interval.
-    #[arg(long, default_value = "30s")]
+    /// three samples per group). Keep it at least three `--metrics-interval`s plus one for
+    /// the last sample's delivery: the gate judges what has arrived when the window closes.
+    #[arg(long, default_value = "20s")]
     canary_window: String,
+    /// Every agent's `--metrics-interval`: how often it samples and reports host metrics.
+    #[arg(long, default_value = "5s")]
+    metrics_interval: String,
+    /// Nodes per wave of the (unmeasured) v1 install. A thousand agents fetching 10 MB
+    /// each at the same moment from one coordinator on this machine time out their HTTP
+    /// connections and fall back to MQTT, where Mosquitto queues every frame for every
+    /// subscriber without bound; a fleet's first install is staged for the same reason.
+    #[arg(long, default_value_t = 100)]
+    install_wave: usize,
     /// Seed of the generated releases.
     #[arg(long, default_value_t = 6)]
     seed: u64,
@@ -167,6 +177,18 @@ fn run(args: &Args) -> Result<()> {
     }
     print_tables(args, &releases, &runs);
     Ok(())
+}
+
+/// `--waves` for the v1 install: `step` more nodes a wave (`100,200,…,100%`).
+fn install_waves(nodes: usize, step: usize) -> String {
+    let step = step.max(1);
+    let mut waves: Vec<String> = (1..)
+        .map(|i| i * step)
+        .take_while(|&n| n < nodes)
+        .map(|n| n.to_string())
+        .collect();
+    waves.push("100%".to_owned());
+    waves.join(",")
 }
 
 /// The two releases, and what the measured one costs at best.
@@ -285,7 +307,14 @@ fn measure(
         nodes: args.nodes,
         processes,
         labels: vec![("bench".to_owned(), "fleet".to_owned())],
-        agent_args: args.agent_args.clone(),
+        agent_args: [
+            vec![
+                "--metrics-interval".to_owned(),
+                args.metrics_interval.clone(),
+            ],
+            args.agent_args.clone(),
+        ]
+        .concat(),
         start_rate: args.start_rate,
         workers: args.workers,
         ..SwarmOptions::default()
@@ -309,10 +338,26 @@ fn measure(
         ])?;
     }
     let started = Instant::now();
-    fleet.cli(&["rollout", "start", "--app", APP, "--version", "1"])?;
+    let install_waves = install_waves(args.nodes, args.install_wave);
+    fleet.cli(&[
+        "rollout",
+        "start",
+        "--app",
+        APP,
+        "--version",
+        "1",
+        "--waves",
+        &install_waves,
+    ])?;
     wait_all_on(&fleet, &mut swarm, "1", INSTALL_TIMEOUT, &label)?;
     let install = started.elapsed();
     eprintln!("{label}: v1 installed on every node after {install:.1?}");
+    // Its last wave may still be baking or gating: the measured rollout would be refused.
+    let installed = fleet.wait_rollout_ended(1, INSTALL_TIMEOUT)?;
+    ensure!(
+        installed["status"] == "succeeded",
+        "the v1 install did not succeed: {installed:#}"
+    );
 
     // Before: counters of everything the rollout will cost.
     let coordinator_run_peak_before = proc_status_kib(coordinator, "VmHWM")?;
@@ -868,7 +913,7 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
          {} agents (`agent::daemon::run` each, in `agent-swarm` processes) and the coordinator \
          on one {cores}-core machine. v1 ({}) installed first (not measured); measured: \
          `rollout start --waves {} --bake {}` of v2 ({}; {} new chunks, {} compressed per node), \
-         canary window {}.\n",
+         canary window {}, metrics every {}.\n",
         args.nodes,
         args.broker,
         args.nodes,
@@ -879,6 +924,7 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
         releases.new_chunks,
         mb(releases.new_chunk_bytes),
         args.canary_window,
+        args.metrics_interval,
     );
     let waves = runs
         .iter()
@@ -1001,9 +1047,10 @@ fn print_tables(args: &Args, releases: &Releases, runs: &[Run]) {
     line("all online after start (not measured)", &|r| {
         secs(r.online_after)
     });
-    line("v1 install, one wave of 100 % (not measured)", &|r| {
-        secs(r.install)
-    });
+    line(
+        "v1 install, waves of `--install-wave` nodes (not measured)",
+        &|r| secs(r.install),
+    );
     line(
         "coordinator peak RSS over the whole run, v1 install included",
         &|r| mib(r.coordinator_run_peak_kib),
