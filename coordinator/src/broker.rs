@@ -42,8 +42,8 @@ pub struct EmbeddedBroker {
     pub connect_addr: SocketAddr,
 }
 
-/// The broker's configuration: one MQTT 3.1.1 listener on `listen`, serving `topics`.
-fn config(listen: SocketAddr, topics: &Topics) -> Config {
+/// The broker's configuration: one MQTT 3.1.1 listener on `listen`.
+fn config(listen: SocketAddr) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_MQTT_PACKET,
@@ -76,17 +76,6 @@ fn config(listen: SocketAddr, topics: &Topics) -> Config {
             // commands and states are retained).
             max_segment_size: 2 * 1024 * 1024,
             max_segment_count: 4,
-            // A node's command log would keep every command (each with its signed manifest)
-            // for the node's lifetime: ~100 KB a release for a 10 MB image, times the fleet.
-            // Only the newest command counts, and it is retained apart from the log, so the
-            // log keeps the last one or two.
-            custom_segment: Some(HashMap::from([(
-                topics.all_nodes(NodeTopic::Command),
-                SegmentConfig {
-                    max_segment_size: 1024,
-                    max_segment_count: 1,
-                },
-            )])),
             ..RouterConfig::default()
         },
         v4: Some(HashMap::from([("1".to_owned(), server)])),
@@ -107,8 +96,8 @@ fn local_addr(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Starts rumqttd on `listen` for `topics` and returns once it accepts TCP connections.
-pub async fn start(listen: SocketAddr, topics: &Topics) -> Result<EmbeddedBroker, BrokerError> {
+/// Starts rumqttd on `listen` and returns once it accepts TCP connections.
+pub async fn start(listen: SocketAddr) -> Result<EmbeddedBroker, BrokerError> {
     // rumqttd would only log a bind failure; find it out here with a clear message.
     drop(
         std::net::TcpListener::bind(listen).map_err(|error| BrokerError::Bind {
@@ -117,7 +106,7 @@ pub async fn start(listen: SocketAddr, topics: &Topics) -> Result<EmbeddedBroker
         })?,
     );
 
-    let config = config(listen, topics);
+    let config = config(listen);
     let thread = std::thread::Builder::new()
         .name("mqtt-broker".to_owned())
         .spawn(move || {
@@ -191,9 +180,7 @@ mod tests {
     async fn an_address_in_use_is_refused_with_the_flag_to_change_it() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let error = start(addr, &Topics::default())
-            .await
-            .expect_err("address is taken");
+        let error = start(addr).await.expect_err("address is taken");
         assert!(error.to_string().contains("--mqtt-listen"), "{error}");
     }
 }

@@ -52,7 +52,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
 
     let (host, port) = match &config.broker {
         BrokerSpec::Embedded => {
-            let embedded = broker::start(config.mqtt_listen, &config.topics).await?;
+            let embedded = broker::start(config.mqtt_listen).await?;
             tracing::info!(listen = %config.mqtt_listen, "embedded MQTT broker accepting connections");
             (
                 embedded.connect_addr.ip().to_string(),
