@@ -13,9 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use protocol::format::MAX_MQTT_PACKET;
-use protocol::{NodeTopic, Topics};
 use rand::RngCore as _;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
