@@ -148,8 +148,7 @@ impl AppRelease {
              interval_ms = {interval}\n\
              timeout_ms = 1000\n\
              \n\
-             {traffic}\n\
-             {sections}",
+             {traffic}{sections}",
             start = self.start_timeout_secs,
             probation = self.probation_secs,
             grace = self.grace_secs,
@@ -164,7 +163,11 @@ impl AppRelease {
                     toml_string(&self.front_door.to_string())
                 ),
             },
-            sections = self.sections,
+            // A blank line before the appended sections, as between the others.
+            sections = match self.sections.as_str() {
+                "" => String::new(),
+                sections => format!("\n{sections}"),
+            },
         )
     }
 
@@ -266,6 +269,14 @@ mod tests {
             "{hooked}"
         );
         assert!(!hooked.contains("front_door"), "{hooked}");
+        let judged = AppRelease::new("7", door)
+            .sections("[canary]\nwindow_secs = 15")
+            .release_toml();
+        assert!(judged.contains("metrics_path = \"/metrics\"\n"), "{judged}");
+        assert!(
+            judged.ends_with("\"\n\n[canary]\nwindow_secs = 15\n"),
+            "{judged}"
+        );
     }
 
     #[test]
