@@ -613,7 +613,8 @@ pub struct Stale {
     pub pid: u32,
 }
 
-/// Kills the app processes a previous agent left behind: for every `RUN_DIR/<slot>.pid`,
+/// Kills the app processes a previous agent left behind: for every `RUN_DIR/<slot>.pid`
+/// (or its temp file `.<slot>.pid.tmp`, when the agent died before renaming it),
 /// if the recorded leader is still the same process (same start time), or is gone but
 /// members of its group are left, the group gets SIGTERM, then SIGKILL after `timeout`.
 /// A pid now used by an unrelated process is left alone. Every pid file is removed.
@@ -627,11 +628,17 @@ pub async fn kill_stale(run_dir: &Path, timeout: Duration) -> io::Result<Vec<Sta
     let mut killed = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        let Some(slot) = path
+        let name = path
             .file_name()
             .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        // A pid file, or the temp file of one (`journal::write_atomic`) when the agent was
+        // killed before renaming it: the process it names was started all the same. A temp
+        // file cut short is unreadable, removed below.
+        let Some(slot) = name
+            .strip_suffix(".pid")
             .filter(|n| !n.starts_with('.'))
-            .and_then(|n| n.strip_suffix(".pid"))
+            .or_else(|| name.strip_prefix('.')?.strip_suffix(".pid.tmp"))
             .map(str::to_owned)
         else {
             continue;

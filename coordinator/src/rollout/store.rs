@@ -14,10 +14,8 @@
 use protocol::{NodeId, ReleaseId, UnixSeconds};
 use serde::Deserialize;
 
-use super::engine::{
-    CanaryTiming, Counts, Head, NodePhase, NodeProgress, Rollout, Status, Wave, WavePhase,
-};
-use super::plan::{Plan, PlanOptions, Selector, WaveSize};
+use super::engine::{Head, NodePhase, NodeProgress, Rollout, Status, WavePhase};
+use super::plan::{Plan, PlanOptions};
 use crate::db::{Db, DbError};
 
 #[derive(Clone)]
@@ -140,40 +138,26 @@ fn from_legacy(legacy: LegacyRecord) -> (Head, Option<Vec<NodeProgress>>) {
             progress
         })
         .collect();
-    let head = Head {
-        id: legacy.id,
-        release: legacy.release,
-        selector: Selector::default(),
-        plan,
-        canary_timing: CanaryTiming {
-            warmup_secs: 0,
-            min_window_secs: 0,
-        },
-        http_sources: Vec::new(),
-        started_at: legacy.started_at,
-        started_by: "unknown".to_owned(),
+    let wave: Vec<NodeId> = nodes.iter().map(|n| n.node.clone()).collect();
+    let mut head = Head {
         status: Status::Legacy,
         reason: Some(
             "started before staged rollouts: a deploy was sent to every node at once; `coordinator nodes` shows where each stands".to_owned(),
         ),
         finished_at: Some(legacy.started_at),
-        paused_for_canary: false,
-        canary_accepted: false,
-        waves: vec![Wave {
-            target: WaveSize::ALL,
-            nodes: nodes.len() as u32,
-            phase: WavePhase::Stopped,
-            started_at: Some(legacy.started_at),
-            staged_at: None,
-            switched_at: None,
-            bake_until: None,
-            gates: Vec::new(),
-            counts: Counts::default(),
-        }],
-        canary: None,
-        late: Counts::default(),
-        in_flight: 0,
+        ..Head::new(
+            legacy.id,
+            legacy.release,
+            plan,
+            &[wave],
+            "unknown".to_owned(),
+            legacy.started_at,
+        )
     };
+    for wave in &mut head.waves {
+        wave.phase = WavePhase::Stopped;
+        wave.started_at = Some(legacy.started_at);
+    }
     (head, Some(nodes))
 }
 

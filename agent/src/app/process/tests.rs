@@ -314,6 +314,30 @@ async fn kill_stale_kills_a_recorded_leftover_and_spares_a_reused_pid() {
 }
 
 #[tokio::test]
+async fn kill_stale_kills_a_leftover_whose_pid_file_was_never_renamed() {
+    let dirs = Dirs::new();
+    let mut ours = leftover(&dirs.run(), "app-v2", None);
+    let ours_pid = ours.id().unwrap();
+    // The agent was killed between writing the temp file and renaming it.
+    std::fs::rename(
+        dirs.run().join("app-v2.pid"),
+        dirs.run().join(".app-v2.pid.tmp"),
+    )
+    .unwrap();
+    let run_dir = dirs.run();
+    let (killed, status) = tokio::join!(kill_stale(&run_dir, Duration::from_secs(5)), ours.wait());
+    assert_eq!(
+        killed.unwrap(),
+        [Stale {
+            slot: "app-v2".to_owned(),
+            pid: ours_pid
+        }]
+    );
+    assert_eq!(status.unwrap().signal(), Some(15));
+    assert_eq!(std::fs::read_dir(dirs.run()).unwrap().count(), 0);
+}
+
+#[tokio::test]
 async fn kill_stale_without_a_run_directory_finds_nothing() {
     let dirs = Dirs::new();
     assert_eq!(
