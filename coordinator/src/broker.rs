@@ -70,9 +70,11 @@ fn config(listen: SocketAddr) -> Config {
             // this bounds each log to about 8 MiB (plus one oversized message: a segment
             // takes a message larger than itself whole). The coordinator's wildcard filters
             // (every node's metrics, state, events) would otherwise hold all the traffic of a
-            // fleet. A subscriber that falls further behind loses the oldest messages; every
-            // flow here recovers (agents ask again for chunks, samples are resent until acked,
-            // commands and states are retained).
+            // fleet. A subscriber that falls further behind misses messages or, as seen with
+            // tiny segments, is sent an older one again; every flow here tolerates both
+            // (agents ask again for missing chunks and verify every one, ignore a command at
+            // or below their last seq; samples are resent until acked; commands and states
+            // are retained).
             max_segment_size: 2 * 1024 * 1024,
             max_segment_count: 4,
             ..RouterConfig::default()
