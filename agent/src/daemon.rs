@@ -241,18 +241,14 @@ impl Daemon {
 
     fn on_connected(&mut self) {
         let me = &self.config.node;
-        let command_topic = self.config.topics.node(me, NodeTopic::Command);
-        // The session may not have survived (a broker restart): subscribe every time.
-        let _ = self.client.try_subscribe(command_topic, QoS::AtLeastOnce);
-        let _ = self
-            .client
-            .try_subscribe(self.telemetry.ack_topic(), QoS::AtLeastOnce);
+        // Commands and metrics acks. The session may not have survived (a broker restart):
+        // subscribe every time.
+        let inbox = self.config.topics.node_inbox(me);
+        let _ = self.client.try_subscribe(inbox, QoS::AtLeastOnce);
         self.telemetry.link_up();
         if let Some(staging) = &self.staging {
-            let _ = self
-                .client
-                .try_subscribe(&staging.chunk_topic, QoS::AtMostOnce);
-            // If the queue is full, frames are flowing and the task is not waiting anyway.
+            // The task subscribes to its chunk topic again if it uses MQTT. If the queue is
+            // full, frames are flowing and the task is not waiting anyway.
             let _ = staging.inbound.try_send(Inbound::Reconnected);
         }
         let presence =
@@ -370,8 +366,8 @@ impl Daemon {
     fn cancel_staging(&mut self) {
         if let Some(staging) = self.staging.take() {
             tracing::info!(release = %staging.target.release, "staging superseded");
+            // Dropping the task drops its chunk-topic subscription.
             staging.task.abort();
-            let _ = self.client.try_unsubscribe(&staging.chunk_topic);
         }
     }
 
@@ -427,7 +423,6 @@ impl Daemon {
         let local = Arc::new(LocalChunks::index(&refs));
 
         let chunk_topic = self.config.topics.chunks(&target.release);
-        let _ = self.client.try_subscribe(&chunk_topic, QoS::AtMostOnce);
         // Small: the staging task verifies as frames come and the rest wait in the broker
         // connection, so this only smooths bursts.
         let (inbound_tx, inbound_rx) = mpsc::channel(16);
@@ -447,6 +442,7 @@ impl Daemon {
                 .config
                 .topics
                 .node(&self.config.node, NodeTopic::ChunkRequests),
+            chunk_topic: chunk_topic.clone(),
             inbound: inbound_rx,
             notes: self.notes_tx.clone(),
         };
@@ -496,7 +492,6 @@ impl Daemon {
         let Some(staging) = self.staging.take() else {
             return Ok(());
         };
-        let _ = self.client.try_unsubscribe(&staging.chunk_topic);
         match result {
             Ok(Ok(report)) => {
                 tracing::info!(

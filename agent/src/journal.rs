@@ -45,6 +45,9 @@ impl Journal {
             .path(&path)
             // The agent's footprint matters more than read speed: the state is a few KiB.
             .cache_capacity(512 * 1024)
+            // Every write here and in the telemetry buffer is flushed by its caller, so sled's
+            // background flusher (a thread waking every 500 ms) would only cost wake-ups.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| JournalError::Open {
                 path: path.clone(),

@@ -18,6 +18,9 @@ use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most messages the embedded broker sends a connection in one write (see [`config`]).
+const OUTGOING_BATCH: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
@@ -46,7 +49,11 @@ fn config(listen: SocketAddr) -> Config {
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_MQTT_PACKET,
-        max_inflight_count: 200,
+        // rumqttd writes a connection's pending messages into one buffer per batch, up to this
+        // many QoS 1 messages (`max_outgoing_packet_count` for QoS 0), and the buffer keeps
+        // its largest size for the life of the connection: a batch of chunk frames is up to
+        // 32 × 256 KiB, not 200 ×.
+        max_inflight_count: OUTGOING_BATCH,
         auth: None,
         external_auth: None,
         // Without this, publishing to a topic nobody subscribed to yet is an error, which
@@ -64,7 +71,7 @@ fn config(listen: SocketAddr) -> Config {
         id: 0,
         router: RouterConfig {
             max_connections: 10_000,
-            max_outgoing_packet_count: 200,
+            max_outgoing_packet_count: OUTGOING_BATCH as u64,
             // rumqttd keeps every message published to a subscription filter in that
             // filter's in-memory log until the log is full, then drops its oldest segment:
             // this bounds each log to about 8 MiB (plus one oversized message: a segment

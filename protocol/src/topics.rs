@@ -2,15 +2,19 @@
 //! formats or parses a topic.
 //!
 //! ```text
-//! {prefix}/nodes/{node}/command      coordinator → agent  signed Command, retained (latest wins)
-//! {prefix}/nodes/{node}/state        agent → coordinator  NodeState, retained
-//! {prefix}/nodes/{node}/presence     agent → coordinator  Presence, retained; last will = offline
-//! {prefix}/nodes/{node}/events       agent → coordinator  Event
-//! {prefix}/nodes/{node}/chunk-req    agent → coordinator  ChunkRequest
-//! {prefix}/nodes/{node}/metrics      agent → coordinator  MetricBatch
-//! {prefix}/nodes/{node}/metrics-ack  coordinator → agent  MetricAck
+//! {prefix}/nodes/{node}/in/command      coordinator → agent  signed Command, retained (latest wins)
+//! {prefix}/nodes/{node}/in/metrics-ack  coordinator → agent  MetricAck
+//! {prefix}/nodes/{node}/state           agent → coordinator  NodeState, retained
+//! {prefix}/nodes/{node}/presence        agent → coordinator  Presence, retained; last will = offline
+//! {prefix}/nodes/{node}/events          agent → coordinator  Event
+//! {prefix}/nodes/{node}/chunk-req       agent → coordinator  ChunkRequest
+//! {prefix}/nodes/{node}/metrics         agent → coordinator  MetricBatch
 //! {prefix}/releases/{app}/{version}/chunks  coordinator → agents  ChunkFrame (shared by all)
 //! ```
+//!
+//! What goes to a node sits under its `in/` level, so an agent subscribes once
+//! ([`Topics::node_inbox`]): a broker keeps state per subscription, and the embedded one
+//! about 200 KiB per filter before any message, which a thousand nodes multiply.
 
 use crate::names::{NodeId, ReleaseId};
 
@@ -41,13 +45,13 @@ impl NodeTopic {
 
     fn leaf(self) -> &'static str {
         match self {
-            NodeTopic::Command => "command",
+            NodeTopic::Command => "in/command",
             NodeTopic::State => "state",
             NodeTopic::Presence => "presence",
             NodeTopic::Events => "events",
             NodeTopic::ChunkRequests => "chunk-req",
             NodeTopic::Metrics => "metrics",
-            NodeTopic::MetricsAck => "metrics-ack",
+            NodeTopic::MetricsAck => "in/metrics-ack",
         }
     }
 }
@@ -88,6 +92,12 @@ impl Topics {
         format!("{}/nodes/{}/{}", self.prefix, node, which.leaf())
     }
 
+    /// The one filter an agent subscribes to for everything sent to it: its commands and its
+    /// metrics acks.
+    pub fn node_inbox(&self, node: &NodeId) -> String {
+        format!("{}/nodes/{}/in/+", self.prefix, node)
+    }
+
     /// The filter matching `which` for every node.
     pub fn all_nodes(&self, which: NodeTopic) -> String {
         format!("{}/nodes/+/{}", self.prefix, which.leaf())
@@ -113,6 +123,23 @@ impl Topics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inbox_filter_matches_exactly_what_goes_to_the_node() {
+        let topics = Topics::default();
+        let node = NodeId::new("edge-7").unwrap();
+        let inbox = topics.node_inbox(&node);
+        let level = inbox.strip_suffix('+').expect("ends in a one-level wildcard");
+        for which in NodeTopic::ALL {
+            let topic = topics.node(&node, which);
+            // `+` matches exactly one non-empty level.
+            let matched = topic
+                .strip_prefix(level)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            let to_node = matches!(which, NodeTopic::Command | NodeTopic::MetricsAck);
+            assert_eq!(matched, to_node, "{topic}");
+        }
+    }
 
     #[test]
     fn node_topics_round_trip() {

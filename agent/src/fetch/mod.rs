@@ -5,9 +5,11 @@
 //! Sources are tried per chunk in the order the deploy lists them: its HTTP(S) sources
 //! (mirrors, then the coordinator), then MQTT. Over MQTT, requests go out on the node's own
 //! chunk-request topic and the coordinator answers on the release's shared chunk topic, where
-//! every node staging that release listens, so one frame serves all of them (frames other
-//! nodes asked for are taken too, if wanted). Bad bytes from any source are rejected,
-//! counted, and the chunk is fetched from the next source.
+//! every node fetching that release over MQTT listens, so one frame serves all of them
+//! (frames other nodes asked for are taken too, if wanted). A node subscribes to that topic
+//! only once it first needs MQTT: in a fleet-wide rollout most nodes fetch over HTTP, and a
+//! subscriber is sent every frame, which the broker buffers per connection. Bad bytes from
+//! any source are rejected, counted, and the chunk is fetched from the next source.
 //!
 //! **Invariants**: a chunk enters the fetch store only after `images` verified its digest
 //! and size, so a transfer interrupted anywhere (link, broker, SIGKILL) resumes from the
@@ -75,8 +77,49 @@ pub enum Inbound {
 pub struct FetchLink {
     pub client: AsyncClient,
     pub request_topic: String,
+    /// The release's shared chunk topic; the daemon forwards what arrives there as
+    /// [`Inbound::Frame`]s.
+    pub chunk_topic: String,
     pub inbound: mpsc::Receiver<Inbound>,
     pub notes: mpsc::Sender<FetchNote>,
+}
+
+/// The subscription to the release's chunk topic, taken when MQTT is first needed and
+/// dropped with the fetch however it ends (done, failed, or aborted by a newer command).
+struct ChunkSubscription<'a> {
+    client: &'a AsyncClient,
+    topic: &'a str,
+    active: bool,
+}
+
+impl ChunkSubscription<'_> {
+    /// Subscribes if not yet done; false if the request could not be queued (offline or
+    /// backed up), in which case nothing should be asked for over MQTT yet.
+    fn ensure(&mut self) -> bool {
+        if !self.active {
+            self.active = self
+                .client
+                .try_subscribe(self.topic, QoS::AtMostOnce)
+                .is_ok();
+        }
+        self.active
+    }
+
+    /// After a reconnect the broker may have lost the session: subscribe again if needed.
+    fn renew(&mut self) {
+        if self.active {
+            self.active = false;
+            self.ensure();
+        }
+    }
+}
+
+impl Drop for ChunkSubscription<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = self.client.try_unsubscribe(self.topic);
+        }
+    }
 }
 
 /// What the staging task tells the daemon while it runs.
@@ -329,6 +372,13 @@ async fn fetch_missing(
     let mut last_arrival = Instant::now();
     let mut last_note = Instant::now();
     let mut requested_bytes: u64 = 0;
+    let client = link.client.clone();
+    let chunk_topic = link.chunk_topic.clone();
+    let mut subscription = ChunkSubscription {
+        client: &client,
+        topic: &chunk_topic,
+        active: false,
+    };
 
     while !wanted.is_done() {
         // Ask for more while the window (and the rate limit, if any) allows.
@@ -350,7 +400,7 @@ async fn fetch_missing(
                 job.store.clone(),
             ));
         }
-        if requested_bytes < allowed {
+        if requested_bytes < allowed && wanted.wants_mqtt() && subscription.ensure() {
             let budget = window.min(allowed - requested_bytes + wanted.in_flight_bytes());
             let batch = wanted.next_mqtt_batch(budget, Instant::now());
             if !batch.is_empty() {
@@ -447,6 +497,7 @@ async fn fetch_missing(
                     });
                 }
                 Inbound::Reconnected => {
+                    subscription.renew();
                     let before = wanted.in_flight_bytes();
                     let asked = wanted.retry_mqtt_older_than(Duration::ZERO, Instant::now());
                     requested_bytes = requested_bytes.saturating_sub(before - wanted.in_flight_bytes());

@@ -121,6 +121,12 @@ impl Wanted {
         None
     }
 
+    /// Whether any chunk waits to be asked for over MQTT (its HTTP sources failed, or there
+    /// are none).
+    pub fn wants_mqtt(&self) -> bool {
+        !self.mqtt_queue.is_empty()
+    }
+
     /// Up to [`ChunkRequest::MAX_DIGESTS`] chunks to ask for over MQTT within `budget`.
     pub fn next_mqtt_batch(&mut self, budget: u64, now: Instant) -> Vec<ChunkRef> {
         let mut batch = Vec::new();

@@ -131,7 +131,6 @@ pub struct Telemetry {
     traffic: watch::Sender<Traffic>,
     link: watch::Sender<bool>,
     acks: watch::Sender<u64>,
-    ack_topic: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -157,7 +156,6 @@ impl Telemetry {
             node: config.node.clone(),
             labels: config.labels.clone(),
             metrics_topic: config.topics.node(&config.node, NodeTopic::Metrics),
-            ack_topic: config.topics.node(&config.node, NodeTopic::MetricsAck),
             data_dir: config.data_dir.clone(),
             interval: settings.interval,
             resend_after: delivery::RESEND_AFTER,
@@ -192,7 +190,6 @@ impl Telemetry {
             traffic: traffic_tx,
             link: link_tx,
             acks: acks_tx,
-            ack_topic: parts.ack_topic,
             stop: Some(stop_tx),
             task: Some(tokio::spawn(task.run(stop_rx))),
         }
@@ -218,12 +215,7 @@ impl Telemetry {
         self.link.send_modify(|up| *up = false);
     }
 
-    /// The topic the coordinator acknowledges this node's samples on.
-    pub fn ack_topic(&self) -> &str {
-        &self.ack_topic
-    }
-
-    /// A message on [`Telemetry::ack_topic`].
+    /// A message on the node's metrics-ack topic.
     pub fn on_ack(&self, payload: &[u8]) {
         let ack: MetricAck = match serde_json::from_slice(payload) {
             Ok(ack) => ack,
@@ -266,7 +258,6 @@ struct Parts {
     node: NodeId,
     labels: BTreeMap<String, String>,
     metrics_topic: String,
-    ack_topic: String,
     data_dir: PathBuf,
     interval: Duration,
     resend_after: Duration,

@@ -34,7 +34,6 @@ fn start(resend_after: Duration, capacity: u64) -> Harness {
         node: NodeId::new("n1").unwrap(),
         labels: BTreeMap::from([("ring".to_owned(), "canary".to_owned())]),
         metrics_topic: TOPIC.to_owned(),
-        ack_topic: "fleet/nodes/n1/metrics-ack".to_owned(),
         data_dir: dir.path().to_owned(),
         interval: INTERVAL,
         resend_after,
