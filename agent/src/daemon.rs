@@ -22,6 +22,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often probation probes and grace periods are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the state is published again when nothing changed. A state report can be lost
+/// with nothing to tell: the client's queue was full when it changed, or a broker dropped
+/// it from a subscriber's queue (Mosquitto's `max_queued_messages`, rumqttd's bounded
+/// logs) while a thousand nodes reported at once. The coordinator waits on these reports
+/// (a node staged, switched, failed), so a lost one must not stall a rollout for good.
+const STATE_REFRESH: Duration = Duration::from_secs(30);
 
 use anyhow::Context as _;
 use images::assemble::LocalChunks;
@@ -107,6 +113,8 @@ enum Wake {
     Staged(Result<Result<StageReport, fetch::StageError>, tokio::task::JoinError>),
     /// Time to probe a version on probation or retire a warm one.
     Tick,
+    /// Time to publish the state again (see [`STATE_REFRESH`]).
+    Refresh,
     Shutdown,
 }
 
@@ -155,6 +163,9 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh =
+        tokio::time::interval_at(tokio::time::Instant::now() + STATE_REFRESH, STATE_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::select! {
             // Broker traffic: (re)connections and losses, commands, chunk frames, metric acks.
@@ -165,6 +176,7 @@ pub async fn run(
             result = async { (&mut daemon.staging.as_mut().expect("guarded").task).await }, if daemon.staging.is_some() => Wake::Staged(result),
             // Probation probes and the end of a grace period.
             _ = tick.tick(), if daemon.serving.needs_tick() => Wake::Tick,
+            _ = refresh.tick() => Wake::Refresh,
             // SIGTERM / ctrl-c: nothing is mid-flip here, since flips complete within one branch.
             () = &mut shutdown => Wake::Shutdown,
         };
@@ -186,6 +198,7 @@ pub async fn run(
             Wake::Note(note) => daemon.on_note(note),
             Wake::Staged(result) => daemon.on_staged(result).await?,
             Wake::Tick => daemon.on_tick().await?,
+            Wake::Refresh => daemon.publish_state(),
             Wake::Shutdown => break,
         }
     }
@@ -927,8 +940,14 @@ impl Daemon {
         if let Err(e) = write_atomic(&self.config.data_dir.join("status.json"), &state) {
             tracing::warn!(error = %e, "could not write status.json");
         }
+        self.publish_state();
+    }
+
+    /// Publishes the state, retained: on every change and every [`STATE_REFRESH`].
+    fn publish_state(&self) {
+        let state = serde_json::to_vec(&self.wire_state()).expect("state serializes");
         let topic = self.config.topics.node(&self.config.node, NodeTopic::State);
-        // Retained and rewritten on every change: a full queue only loses an intermediate state.
+        // A full queue loses this one; the next change or refresh sends it again.
         let _ = self
             .client
             .try_publish(topic, QoS::AtLeastOnce, true, state);

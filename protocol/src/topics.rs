@@ -129,7 +129,9 @@ mod tests {
         let topics = Topics::default();
         let node = NodeId::new("edge-7").unwrap();
         let inbox = topics.node_inbox(&node);
-        let level = inbox.strip_suffix('+').expect("ends in a one-level wildcard");
+        let level = inbox
+            .strip_suffix('+')
+            .expect("ends in a one-level wildcard");
         for which in NodeTopic::ALL {
             let topic = topics.node(&node, which);
             // `+` matches exactly one non-empty level.
