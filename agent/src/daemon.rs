@@ -198,7 +198,7 @@ pub async fn run(
             Wake::Note(note) => daemon.on_note(note),
             Wake::Staged(result) => daemon.on_staged(result).await?,
             Wake::Tick => daemon.on_tick().await?,
-            Wake::Refresh => daemon.publish_state(),
+            Wake::Refresh => daemon.publish_state(daemon.state_json()),
             Wake::Shutdown => break,
         }
     }
@@ -936,16 +936,21 @@ impl Daemon {
         let current = self.state.current.as_ref().map(|c| &c.release);
         self.telemetry
             .set_traffic(telemetry::Traffic::of(current, &self.serving));
-        let state = serde_json::to_vec_pretty(&self.wire_state()).expect("state serializes");
+        let state = self.state_json();
         if let Err(e) = write_atomic(&self.config.data_dir.join("status.json"), &state) {
             tracing::warn!(error = %e, "could not write status.json");
         }
-        self.publish_state();
+        self.publish_state(state);
     }
 
-    /// Publishes the state, retained: on every change and every [`STATE_REFRESH`].
-    fn publish_state(&self) {
-        let state = serde_json::to_vec(&self.wire_state()).expect("state serializes");
+    /// What `status.json` holds and the state topic carries.
+    fn state_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&self.wire_state()).expect("state serializes")
+    }
+
+    /// Publishes `state` ([`Daemon::state_json`]), retained: on every change and every
+    /// [`STATE_REFRESH`].
+    fn publish_state(&self, state: Vec<u8>) {
         let topic = self.config.topics.node(&self.config.node, NodeTopic::State);
         // A full queue loses this one; the next change or refresh sends it again.
         let _ = self

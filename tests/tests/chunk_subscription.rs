@@ -11,39 +11,43 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agent::fetch::{self, FetchLink, Inbound, StageJob, StageReport};
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use images::assemble::LocalChunks;
 use images::{build_image, ChunkStore};
 use protocol::messages::ChunkFrame;
-use protocol::{AppName, ReleaseId, ReleaseKind, Version};
+use protocol::{AppName, NodeId, NodeTopic, ReleaseId, ReleaseKind, Topics, Version};
 use rumqttc::{AsyncClient, MqttOptions, Request};
 use system_tests::mirror::{Behaviour, Mirror};
+use system_tests::tree::{assert_tree_eq, write_tree};
 use tokio::sync::mpsc;
 
-const CHUNK_TOPIC: &str = "fleet/releases/web/1/chunks";
+fn release() -> ReleaseId {
+    ReleaseId {
+        app: AppName::new("web").expect("a valid app name"),
+        version: Version::new("1").expect("a valid version"),
+    }
+}
+
+fn chunk_topic() -> String {
+    Topics::default().chunks(&release())
+}
+
+fn request_topic() -> String {
+    let node = NodeId::new("n1").expect("a valid node id");
+    Topics::default().node(&node, NodeTopic::ChunkRequests)
+}
 
 /// What a stage of a fresh ~1 MB release asked of the broker, and its report. With `frames`,
 /// every chunk is also waiting as a frame on the shared topic, as if other nodes had asked.
 async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Request>, StageReport)> {
     let src = dir.join("src");
-    std::fs::create_dir_all(&src)?;
-    // Incompressible and seeded: a few chunks, the same every run.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let bytes: Vec<u8> = (0..1_000_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(src.join("media.ts"), &bytes)?;
+    write_tree(&src, 7, 1_000_000)?;
     let source = ChunkStore::open(dir.join("source"))?;
-    let (app, version) = (AppName::new("web")?, Version::new("1")?);
+    let release = release();
     let manifest = build_image(
         &src,
-        app.clone(),
-        version.clone(),
+        release.app.clone(),
+        release.version.clone(),
         ReleaseKind::Content,
         &source,
     )?;
@@ -66,7 +70,7 @@ async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Reque
     }
     let (notes_tx, _notes_rx) = mpsc::channel(1024);
     let job = StageJob {
-        release: ReleaseId { app, version },
+        release,
         manifest: Arc::new(manifest),
         slot_dir: dir.join("slot"),
         store: Arc::new(ChunkStore::open_cache(dir.join("fetch"))?),
@@ -77,31 +81,25 @@ async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Reque
     };
     let link = FetchLink {
         client,
-        request_topic: "fleet/nodes/n1/chunk-req".to_owned(),
-        chunk_topic: CHUNK_TOPIC.to_owned(),
+        request_topic: request_topic(),
+        chunk_topic: chunk_topic(),
         inbound: inbound_rx,
         notes: notes_tx,
     };
     let report = fetch::stage(job, link).await?;
-    ensure!(
-        dir.join("slot/media.ts").is_file(),
-        "the slot was not assembled"
-    );
+    assert_tree_eq(&src, &dir.join("slot"));
     // Hands back every request the stage queued, in order (nothing was ever sent).
     eventloop.clean();
     Ok((eventloop.pending.into_iter().collect(), report))
 }
 
 fn subscriptions(requests: &[Request]) -> Vec<&'static str> {
+    let topic = chunk_topic();
     requests
         .iter()
         .filter_map(|r| match r {
-            Request::Subscribe(s) if s.filters.iter().any(|f| f.path == CHUNK_TOPIC) => {
-                Some("subscribe")
-            }
-            Request::Unsubscribe(u) if u.topics.iter().any(|t| t == CHUNK_TOPIC) => {
-                Some("unsubscribe")
-            }
+            Request::Subscribe(s) if s.filters.iter().any(|f| f.path == topic) => Some("subscribe"),
+            Request::Unsubscribe(u) if u.topics.contains(&topic) => Some("unsubscribe"),
             _ => None,
         })
         .collect()
@@ -126,14 +124,14 @@ async fn a_node_whose_http_source_fails_subscribes_once_then_unsubscribes() -> R
         ["subscribe", "unsubscribe"],
         "{requests:?}"
     );
-    let first_request = requests
-        .iter()
-        .position(|r| matches!(r, Request::Publish(p) if p.topic == "fleet/nodes/n1/chunk-req"));
-    let subscribed = requests
-        .iter()
-        .position(|r| matches!(r, Request::Subscribe(_)));
+    let request_topic = request_topic();
+    let position = |wanted: &dyn Fn(&Request) -> bool| requests.iter().position(wanted);
+    let subscribed = position(&|r| matches!(r, Request::Subscribe(_)))
+        .expect("a subscription to the chunk topic (checked above)");
+    let first_request = position(&|r| matches!(r, Request::Publish(p) if p.topic == request_topic))
+        .expect("a chunk request over MQTT, since the mirror failed every chunk");
     assert!(
-        subscribed < first_request && first_request.is_some(),
+        subscribed < first_request,
         "the node must subscribe before it asks for chunks over MQTT: {requests:?}"
     );
     assert!(report.bytes_fetched_mqtt > 0, "{report:?}");

@@ -86,20 +86,28 @@ pub struct FetchLink {
 
 /// The subscription to the release's chunk topic, taken when MQTT is first needed and
 /// dropped with the fetch however it ends (done, failed, or aborted by a newer command).
-struct ChunkSubscription<'a> {
-    client: &'a AsyncClient,
-    topic: &'a str,
+struct ChunkSubscription {
+    client: AsyncClient,
+    topic: String,
     active: bool,
 }
 
-impl ChunkSubscription<'_> {
+impl ChunkSubscription {
+    fn new(link: &FetchLink) -> ChunkSubscription {
+        ChunkSubscription {
+            client: link.client.clone(),
+            topic: link.chunk_topic.clone(),
+            active: false,
+        }
+    }
+
     /// Subscribes if not yet done; false if the request could not be queued (offline or
     /// backed up), in which case nothing should be asked for over MQTT yet.
     fn ensure(&mut self) -> bool {
         if !self.active {
             self.active = self
                 .client
-                .try_subscribe(self.topic, QoS::AtMostOnce)
+                .try_subscribe(&self.topic, QoS::AtMostOnce)
                 .is_ok();
         }
         self.active
@@ -114,10 +122,10 @@ impl ChunkSubscription<'_> {
     }
 }
 
-impl Drop for ChunkSubscription<'_> {
+impl Drop for ChunkSubscription {
     fn drop(&mut self) {
         if self.active {
-            let _ = self.client.try_unsubscribe(self.topic);
+            let _ = self.client.try_unsubscribe(&self.topic);
         }
     }
 }
@@ -372,13 +380,7 @@ async fn fetch_missing(
     let mut last_arrival = Instant::now();
     let mut last_note = Instant::now();
     let mut requested_bytes: u64 = 0;
-    let client = link.client.clone();
-    let chunk_topic = link.chunk_topic.clone();
-    let mut subscription = ChunkSubscription {
-        client: &client,
-        topic: &chunk_topic,
-        active: false,
-    };
+    let mut subscription = ChunkSubscription::new(link);
 
     while !wanted.is_done() {
         // Ask for more while the window (and the rate limit, if any) allows.
