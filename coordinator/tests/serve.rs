@@ -163,8 +163,15 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
     let stage = command;
     late.report_state(&staged_state(node_state(&n1), &stage, &manifest))
         .await?;
-    let message = late.next_on(&command_topic).await?;
-    let (command, deployed) = open_command(&message.payload, &trust)?;
+    // `late` may be sent the stage once more (retained on subscribe and republished live on
+    // the coordinator's connect); an agent ignores a seq it has seen, and so does this.
+    let (command, deployed) = loop {
+        let message = late.next_on(&command_topic).await?;
+        let (command, manifest) = open_command(&message.payload, &trust)?;
+        if command.seq != stage.seq {
+            break (command, manifest);
+        }
+    };
     assert_eq!(command.seq, 2);
     assert!(
         matches!(command.action, Action::Deploy { .. }),
