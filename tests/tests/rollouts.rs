@@ -215,7 +215,8 @@ fn a_release_whose_canary_fails_stops_after_the_first_wave_and_the_canary_goes_b
         AppRelease::new(version, door)
             .switch_hook(&["/bin/sh", "-c", "exit 0"])
             // Wide enough that web@2's crash 2 s after it starts falls inside it even on a
-            // loaded machine (seen once in a full CI run: the probation ended first).
+            // loaded machine (a full CI run once timed out with the canary still switched;
+            // likeliest, its 4 s probation ended before the crash).
             .probation_secs(8)
     };
     fleet.publish_app("web", &app("1"))?;
