@@ -10,10 +10,15 @@
 //!    until a deploy of the same manifest moves it to Switching, saved before the switch;
 //! 3. the active pointer names the new slot: current/previous rotated, target cleared.
 //!
+//! Staging does not wait for the disk: from point 2 the slot's durability barrier
+//! ([`images::make_durable`]) runs in the background, and the switch waits for it before
+//! traffic moves, so no slot becomes current before it is on disk.
+//!
 //! Then old slots are collected (a held slot is kept; fetched chunks go once no slot is
 //! being assembled). A crash between any two points is resumed by [`Daemon::recover`]:
 //! Staging restarts the fetch from the verified chunks on disk, Staged stays held (staged
-//! again if its slot has gone), Switching re-points (idempotent) and completes.
+//! again if its slot has gone), Switching re-points (idempotent) and completes. A Staged or
+//! Switching slot is verified again first: a power loss may have cut its writeback short.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -104,6 +109,14 @@ pub struct Daemon {
     http: reqwest::Client,
     serving: Serving,
     telemetry: Telemetry,
+    durability: Option<Durability>,
+}
+
+/// The durability barrier of the slot staged last, running since save point 2 so the disk
+/// writes the slot back while the node waits for its switch.
+struct Durability {
+    slot: String,
+    task: tokio::task::JoinHandle<Result<(), images::AssembleError>>,
 }
 
 /// Everything the run loop reacts to.
@@ -156,6 +169,7 @@ pub async fn run(
         http,
         serving,
         telemetry,
+        durability: None,
     };
     daemon.recover().await?;
     tracing::info!(node = %daemon.config.node, current = ?daemon.state.current.as_ref().map(|c| c.release.to_string()), "agent started");
@@ -228,6 +242,10 @@ impl Daemon {
     async fn recover(&mut self) -> anyhow::Result<()> {
         if let Some(target) = self.state.target.clone() {
             match target.phase {
+                Phase::Switching if !self.slot_intact(&target.installed).await? => {
+                    tracing::warn!(release = %target.installed.release, slot = %target.installed.slot, "the slot of an interrupted switch is damaged or gone; staging it again");
+                    self.restage().await?;
+                }
                 Phase::Switching => {
                     tracing::info!(release = %target.installed.release, "completing an interrupted switch");
                     self.switch(Instant::now()).await?;
@@ -538,6 +556,9 @@ impl Daemon {
         let phase = self.state.staged(cost);
         self.journal.save(&self.state)?;
         fault::point("staged");
+        if let Some(target) = self.state.target.clone() {
+            self.start_durability(&target.installed)?;
+        }
         match phase {
             Some(Phase::Switching) => self.switch(Instant::now()).await,
             Some(Phase::Staged) => {
@@ -555,12 +576,66 @@ impl Daemon {
     /// Recovery of a held target: it stays held while its slot is there. A slot that has
     /// gone (removed by hand) is staged again, still held, rather than switched to later.
     async fn keep_held(&mut self, target: node::Target) -> anyhow::Result<()> {
-        if self.slots.dir(&target.installed.slot).is_dir() {
+        if self.slot_intact(&target.installed).await? {
             tracing::info!(release = %target.installed.release, slot = %target.installed.slot, "holding a staged release until it is deployed");
+            self.start_durability(&target.installed)?;
             return Ok(());
         }
-        tracing::warn!(release = %target.installed.release, slot = %target.installed.slot, "the held slot is gone; staging it again");
+        tracing::warn!(release = %target.installed.release, slot = %target.installed.slot, "the held slot is damaged or gone; staging it again");
         self.restage().await
+    }
+
+    /// Whether `installed`'s slot is there and matches its manifest byte for byte. Used on
+    /// a restart for a slot that was complete but maybe not yet on disk: after a power loss
+    /// its files may be short or hold stale blocks.
+    async fn slot_intact(&self, installed: &Installed) -> anyhow::Result<bool> {
+        let dir = self.slots.dir(&installed.slot);
+        if !dir.is_dir() {
+            return Ok(false);
+        }
+        let manifest = self.manifest_of(installed)?;
+        let verified =
+            tokio::task::spawn_blocking(move || images::verify_slot(&manifest, &dir)).await?;
+        if let Err(e) = &verified {
+            tracing::warn!(slot = %installed.slot, error = %e, "slot does not match its manifest");
+        }
+        Ok(verified.is_ok())
+    }
+
+    /// Starts `installed`'s durability barrier in the background (see [`Durability`]).
+    fn start_durability(&mut self, installed: &Installed) -> anyhow::Result<()> {
+        let manifest = self.manifest_of(installed)?;
+        let dir = self.slots.dir(&installed.slot);
+        // A barrier still running for a slot no longer wanted finishes on its own.
+        self.durability = Some(Durability {
+            slot: installed.slot.clone(),
+            task: tokio::task::spawn_blocking(move || images::make_durable(&manifest, &dir)),
+        });
+        Ok(())
+    }
+
+    /// Waits until `installed`'s slot is on disk: for the barrier started when it was
+    /// staged, or for a new one (after a restart, or if another slot was staged since).
+    async fn wait_durable(&mut self, installed: &Installed) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let pending = self.durability.take().filter(|d| d.slot == installed.slot);
+        let task = match pending {
+            Some(durability) => durability.task,
+            None => {
+                self.start_durability(installed)?;
+                self.durability.take().expect("just started").task
+            }
+        };
+        task.await
+            .context("the durability task crashed")?
+            .with_context(|| {
+                format!(
+                    "cannot write slot {} to disk; the disk may be failing or full",
+                    installed.slot
+                )
+            })?;
+        tracing::debug!(slot = %installed.slot, ms = started.elapsed().as_millis() as u64, "slot durable");
+        Ok(())
     }
 
     /// A deploy of the held release: switch to its slot with no download, timed from the
@@ -654,6 +729,12 @@ impl Daemon {
                     Err(e) => return self.fail(installed, e.to_string(), 0, e.output()),
                 };
                 fault::point("started");
+                // Traffic moves only to a slot that is on disk; the barrier ran (mostly)
+                // while the new version started.
+                if let Err(e) = self.wait_durable(installed).await {
+                    self.serving.discard(version).await;
+                    return self.fail(installed, format!("{e:#}"), 0, Vec::new());
+                }
                 let probation = Duration::from_secs(u64::from(spec.probation_secs));
                 if let Err((e, version)) = self.serving.activate(version, probation).await {
                     self.serving.discard(version).await;
@@ -661,7 +742,12 @@ impl Daemon {
                 }
             }
             // A files-only release: whatever ran before has no place in it.
-            None => self.serving.stop_all().await,
+            None => {
+                if let Err(e) = self.wait_durable(installed).await {
+                    return self.fail(installed, format!("{e:#}"), 0, Vec::new());
+                }
+                self.serving.stop_all().await
+            }
         }
         self.slots
             .activate(&installed.slot)

@@ -19,8 +19,8 @@ pub mod disk;
 pub mod store;
 
 pub use assemble::{
-    assemble, missing_chunks, slot_bytes_needed, verify_slot, AssembleError, AssembleStats,
-    ChunkSource, LocalChunks,
+    assemble, make_durable, missing_chunks, slot_bytes_needed, verify_slot, AssembleError,
+    AssembleStats, ChunkSource, LocalChunks,
 };
 pub use build::{build_image, BuildError};
 pub use chunk::{ChunkError, VerifiedChunk};

@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
 use common::{build, fixture_tree, make_writable, snapshot};
-use images::{assemble, verify_slot, AssembleError, ChunkStore};
+use images::{assemble, make_durable, verify_slot, AssembleError, ChunkStore};
 use protocol::Entry;
 
 #[test]
@@ -50,6 +50,30 @@ fn a_built_image_assembles_into_a_slot_identical_to_its_source() {
     verify_slot(&manifest, &slot).unwrap();
     // Nothing but the slot itself is left next to it.
     assert_eq!(fs::read_dir(tmp.path().join("slots")).unwrap().count(), 1);
+    // The barrier before a switch: every file, directory and the rename, twice (idempotent).
+    make_durable(&manifest, &slot).unwrap();
+    make_durable(&manifest, &slot).unwrap();
+    make_writable(tmp.path());
+}
+
+#[test]
+fn the_durability_barrier_names_the_file_it_could_not_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fixture_tree(&src);
+    let store = ChunkStore::open(tmp.path().join("chunks")).unwrap();
+    let manifest = build(&src, "1", &store);
+    let slot = tmp.path().join("web-1");
+    assemble(&manifest, &slot, &[&store]).unwrap();
+    make_writable(&slot);
+    fs::remove_file(slot.join("data/blob.bin")).unwrap();
+    match make_durable(&manifest, &slot) {
+        Err(AssembleError::Io { path, source }) => {
+            assert_eq!(path, slot.join("data/blob.bin"));
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}"),
+    }
     make_writable(tmp.path());
 }
 

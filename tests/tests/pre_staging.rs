@@ -326,3 +326,64 @@ fn a_held_release_survives_an_agent_sigkill_and_still_waits_for_its_deploy() -> 
     n.deploy_held_v2(&manifest)?;
     Ok(())
 }
+
+/// A power loss can cut a held slot's writeback short, which a SIGKILL cannot show: the test
+/// stands in for it by changing a file of the held slot while the agent is down. The agent
+/// must find the damage when it starts again and stage the release again, not switch to it.
+#[test]
+fn a_held_slot_damaged_while_the_agent_was_down_is_staged_again() -> Result<()> {
+    let mut n = Node::on_v1()?;
+    let manifest = signed_manifest(&n.v2, &n.key)?;
+    n.stage_v2(&manifest)?;
+    let held = n
+        .agent
+        .data_dir()
+        .join(&n.agent.status()?.staged.context("nothing staged")?.slot_dir);
+
+    n.agent.kill();
+    let damaged = first_nonempty_file(&held)?.context("the held slot has no file with bytes")?;
+    let mut bytes = std::fs::read(&damaged)?;
+    bytes[0] ^= 0xff;
+    std::fs::write(&damaged, &bytes)?;
+    n.agent.restart()?;
+
+    let want = release("web", "2")?;
+    n.events
+        .expect_event(
+            REACTION,
+            "web@2 staged again after the restart",
+            |e| matches!(&e.kind, EventKind::StagingStarted { release } if *release == want),
+        )
+        .with_context(|| n.fleet.report())?;
+    let state = n
+        .fleet
+        .wait_for(ROLLOUT, "n1 to hold web@2 staged again", || {
+            let state = n.agent.status()?;
+            Ok(state
+                .staged
+                .as_ref()
+                .is_some_and(|s| s.release == want)
+                .then_some(state))
+        })?;
+    n.assert_holding_v2(&state)?;
+    n.deploy_held_v2(&manifest)?;
+    Ok(())
+}
+
+/// Depth first, in name order: the first regular file under `dir` with at least one byte.
+fn first_nonempty_file(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let kind = entry.file_type()?;
+        if kind.is_file() && entry.metadata()?.len() > 0 {
+            return Ok(Some(entry.path()));
+        }
+        if kind.is_dir() {
+            if let Some(found) = first_nonempty_file(&entry.path())? {
+                return Ok(Some(found));
+            }
+        }
+    }
+    Ok(None)
+}
