@@ -8,6 +8,7 @@
 //! coordinator does. The chunks come from the coordinator, which both releases were
 //! published to.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -341,7 +342,9 @@ fn a_held_slot_damaged_while_the_agent_was_down_is_staged_again() -> Result<()> 
         .join(&n.agent.status()?.staged.context("nothing staged")?.slot_dir);
 
     n.agent.kill();
-    let damaged = first_nonempty_file(&held)?.context("the held slot has no file with bytes")?;
+    // A written file, not one hard-linked from web@1's slot: a linked file was on disk long
+    // before (and damaging it would damage web@1 too).
+    let damaged = first_written_file(&held)?.context("the held slot wrote no file")?;
     let mut bytes = std::fs::read(&damaged)?;
     bytes[0] ^= 0xff;
     std::fs::write(&damaged, &bytes)?;
@@ -370,17 +373,19 @@ fn a_held_slot_damaged_while_the_agent_was_down_is_staged_again() -> Result<()> 
     Ok(())
 }
 
-/// Depth first, in name order: the first regular file under `dir` with at least one byte.
-fn first_nonempty_file(dir: &Path) -> Result<Option<PathBuf>> {
+/// Depth first, in name order: the first regular file under `dir` with at least one byte and
+/// no other name (so not shared with another slot).
+fn first_written_file(dir: &Path) -> Result<Option<PathBuf>> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let kind = entry.file_type()?;
-        if kind.is_file() && entry.metadata()?.len() > 0 {
+        let meta = entry.metadata()?;
+        if kind.is_file() && meta.len() > 0 && meta.nlink() == 1 {
             return Ok(Some(entry.path()));
         }
         if kind.is_dir() {
-            if let Some(found) = first_nonempty_file(&entry.path())? {
+            if let Some(found) = first_written_file(&entry.path())? {
                 return Ok(Some(found));
             }
         }
