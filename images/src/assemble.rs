@@ -632,14 +632,11 @@ pub fn make_durable(manifest: &Manifest, slot_dir: &Path) -> Result<(), Assemble
                 })
             })
             .collect();
-        syncers
-            .into_iter()
-            .map(|syncer| {
-                syncer
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect::<Result<(), _>>()
+        syncers.into_iter().try_for_each(|syncer| {
+            syncer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     })?;
     // Deepest first, the slot itself last: a name is durable once its directory is.
     let mut dirs: Vec<PathBuf> = manifest
