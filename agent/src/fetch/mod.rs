@@ -6,7 +6,8 @@
 //! (mirrors, then the coordinator), then MQTT. Over MQTT, requests go out on the node's own
 //! chunk-request topic and the coordinator answers on the release's shared chunk topic, where
 //! every node fetching that release over MQTT listens, so one frame serves all of them
-//! (frames other nodes asked for are taken too, if wanted). A node subscribes to that topic
+//! (frames other nodes asked for are taken too, if wanted, and while they keep coming the
+//! node asks for nothing itself: [`wanted::Follow`]). A node subscribes to that topic
 //! only once it first needs MQTT: in a fleet-wide rollout most nodes fetch over HTTP, and a
 //! subscriber is sent every frame, which the broker buffers per connection. Bad bytes from
 //! any source are rejected, counted, and the chunk is fetched from the next source.
@@ -36,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 pub use http::client as http_client;
-use wanted::{SourceHealth, Wanted};
+use wanted::{Follow, SourceHealth, Wanted};
 
 /// Most compressed bytes requested and not yet received, over both transports.
 const WINDOW_BYTES: u64 = 4 * 1024 * 1024;
@@ -381,6 +382,7 @@ async fn fetch_missing(
     let mut last_note = Instant::now();
     let mut requested_bytes: u64 = 0;
     let mut subscription = ChunkSubscription::new(link);
+    let mut follow = Follow::default();
 
     while !wanted.is_done() {
         // Ask for more while the window (and the rate limit, if any) allows.
@@ -402,7 +404,11 @@ async fn fetch_missing(
                 job.store.clone(),
             ));
         }
-        if requested_bytes < allowed && wanted.wants_mqtt() && subscription.ensure() {
+        if requested_bytes < allowed
+            && wanted.wants_mqtt()
+            && subscription.ensure()
+            && follow.may_ask(Instant::now())
+        {
             let budget = window.min(allowed - requested_bytes + wanted.in_flight_bytes());
             let batch = wanted.next_mqtt_batch(budget, Instant::now());
             if !batch.is_empty() {
@@ -491,6 +497,9 @@ async fn fetch_missing(
                     };
                     // Not ours, already here, or already being verified.
                     let Some(chunk) = wanted.get(&frame.digest) else { continue };
+                    if !wanted.asked_over_mqtt(&frame.digest) {
+                        follow.passed_by(Instant::now(), frame.compressed.len() as u64);
+                    }
                     let store = job.store.clone();
                     verifying.spawn_blocking(move || {
                         let frame = ChunkFrame::decode(&bytes).expect("decoded above");

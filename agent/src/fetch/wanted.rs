@@ -8,6 +8,9 @@
 //!
 //! Invariant: `in_flight_bytes` is the sum of the compressed sizes of the chunks in flight
 //! on either transport, so the window bounds them together.
+//!
+//! [`Follow`] decides when a node may ask over MQTT at all: not while other nodes' requests
+//! already bring it the chunks it wants (see its doc).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -17,6 +20,61 @@ use protocol::{ChunkRef, Digest};
 
 /// Consecutive failures after which an HTTP source is skipped for the rest of the staging.
 pub const GIVE_UP_AFTER: u32 = 3;
+/// How long a node listens on the shared chunk topic before its first MQTT request, and the
+/// span over which [`Follow`] measures the frames other nodes' requests bring it.
+pub const FOLLOW_SPAN: Duration = Duration::from_millis(300);
+/// Wanted bytes that must pass by within [`FOLLOW_SPAN`] for a node to keep following
+/// (about 0.85 MB/s): a node that fetches slowly (rate-limited, or starved) cannot hold
+/// the others back below this.
+pub const FOLLOW_MIN_BYTES: u64 = 256 * 1024;
+
+/// Whether a node may ask for chunks over MQTT now, or should take what passes by.
+///
+/// Nodes of a rollout start fetching at slightly different moments. A node that starts late
+/// has missed the frames already published; if it asked for them at once, every late node
+/// would ask at its own moment and the coordinator would send the same chunks once per
+/// moment (its dedup window is short so that a lost frame is sent again). Instead a late
+/// node takes the frames the others' requests bring while they keep coming, and asks only
+/// once they stop: then the late nodes all ask at about the same time, and their requests
+/// for the chunks they all missed share one frame. The first node, finding nothing on the
+/// topic after [`FOLLOW_SPAN`], asks at once.
+///
+/// Pure: `now` is passed in; memory is bounded by the frames of one span.
+#[derive(Debug, Default)]
+pub struct Follow {
+    listening_since: Option<Instant>,
+    /// Wanted frames this node did not ask for, within the last span: (arrival, bytes).
+    passed_by: VecDeque<(Instant, u64)>,
+    passed_bytes: u64,
+}
+
+impl Follow {
+    /// A frame of `bytes` for a chunk this node wants but had not asked for arrived.
+    pub fn passed_by(&mut self, now: Instant, bytes: u64) {
+        self.prune(now);
+        self.passed_by.push_back((now, bytes));
+        self.passed_bytes += bytes;
+    }
+
+    /// Whether the node may send requests: it has listened for a span, and less than
+    /// [`FOLLOW_MIN_BYTES`] it wants passed by within the last one. Called once the node is
+    /// subscribed to the shared topic; the first call starts the listening.
+    pub fn may_ask(&mut self, now: Instant) -> bool {
+        self.prune(now);
+        let since = *self.listening_since.get_or_insert(now);
+        now.saturating_duration_since(since) >= FOLLOW_SPAN && self.passed_bytes < FOLLOW_MIN_BYTES
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(&(at, bytes)) = self.passed_by.front() {
+            if now.saturating_duration_since(at) < FOLLOW_SPAN {
+                break;
+            }
+            self.passed_by.pop_front();
+            self.passed_bytes -= bytes;
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Want {
@@ -76,6 +134,11 @@ impl Wanted {
 
     pub fn get(&self, digest: &Digest) -> Option<ChunkRef> {
         self.chunks.get(digest).map(|w| w.chunk)
+    }
+
+    /// Whether this node has an MQTT request out for `digest`.
+    pub fn asked_over_mqtt(&self, digest: &Digest) -> bool {
+        self.mqtt_in_flight.contains_key(digest)
     }
 
     pub fn in_flight_bytes(&self) -> u64 {
@@ -322,6 +385,45 @@ mod tests {
         w.http_arrived(&c.digest, s);
         let (c, s) = w.next_http(1000).expect("chunk");
         assert_eq!(w.http_failed(&c.digest, s), SourceHealth::Usable);
+    }
+
+    #[test]
+    fn a_node_asks_after_listening_for_a_span_when_nothing_passes_by() {
+        let t0 = Instant::now();
+        let mut f = Follow::default();
+        assert!(!f.may_ask(t0), "the first call starts the listening");
+        assert!(!f.may_ask(t0 + FOLLOW_SPAN / 2));
+        assert!(f.may_ask(t0 + FOLLOW_SPAN));
+    }
+
+    #[test]
+    fn a_node_follows_while_wanted_frames_pass_by_fast_and_asks_once_they_stop() {
+        let t0 = Instant::now();
+        let mut f = Follow::default();
+        assert!(!f.may_ask(t0));
+        let step = Duration::from_millis(50);
+        let mut now = t0;
+        // 64 KiB every 50 ms: 384 KiB per span, above the minimum.
+        for _ in 0..20 {
+            now += step;
+            f.passed_by(now, 64 * 1024);
+            assert!(!f.may_ask(now));
+        }
+        assert!(!f.may_ask(now + step));
+        assert!(f.may_ask(now + FOLLOW_SPAN), "the frames stopped");
+    }
+
+    #[test]
+    fn a_slow_trickle_does_not_hold_a_node_back() {
+        let t0 = Instant::now();
+        let mut f = Follow::default();
+        assert!(!f.may_ask(t0));
+        let mut now = t0 + FOLLOW_SPAN;
+        for _ in 0..10 {
+            now += Duration::from_millis(100);
+            f.passed_by(now, 32 * 1024);
+            assert!(f.may_ask(now), "96 KiB per span is below the minimum");
+        }
     }
 
     #[test]
