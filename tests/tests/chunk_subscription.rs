@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agent::fetch::{self, FetchLink, Inbound, StageJob, StageReport};
 use anyhow::{Context as _, Result};
@@ -16,10 +17,10 @@ use images::assemble::LocalChunks;
 use images::{build_image, ChunkStore};
 use protocol::messages::ChunkFrame;
 use protocol::{AppName, NodeId, NodeTopic, ReleaseId, ReleaseKind, Topics, Version};
-use rumqttc::{AsyncClient, MqttOptions, Request};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, Request};
 use system_tests::mirror::{Behaviour, Mirror};
 use system_tests::tree::{assert_tree_eq, write_tree};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 fn release() -> ReleaseId {
     ReleaseId {
@@ -37,8 +38,9 @@ fn request_topic() -> String {
     Topics::default().node(&node, NodeTopic::ChunkRequests)
 }
 
-/// What a stage of a fresh ~1 MB release asked of the broker, and its report. With `frames`,
-/// every chunk is also waiting as a frame on the shared topic, as if other nodes had asked.
+/// What a stage of a fresh ~1 MB release asked of the broker, and its report. With
+/// `frames`, a stand-in for the coordinator answers the stage's first chunk request over
+/// MQTT with every chunk as a frame on the shared topic; without, nothing ever arrives.
 async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Request>, StageReport)> {
     let src = dir.join("src");
     write_tree(&src, 7, 1_000_000)?;
@@ -51,23 +53,25 @@ async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Reque
         ReleaseKind::Content,
         &source,
     )?;
-
-    let server = Mirror::start()?;
-    server.serve_from(&dir.join("source"))?;
-    let (client, mut eventloop) = AsyncClient::new(
-        MqttOptions::new("chunk-subscription-test", "127.0.0.1", 1),
-        64,
-    );
-    let (inbound_tx, inbound_rx) = mpsc::channel(64);
+    let mut answer = Vec::new();
     if frames {
         for chunk in manifest.chunks() {
             let compressed = source
                 .get(&chunk.digest)?
                 .context("a built chunk is stored")?;
-            let frame = ChunkFrame::encode(&chunk.digest, &compressed);
-            inbound_tx.send(Inbound::Frame(frame.into())).await?;
+            answer.push(ChunkFrame::encode(&chunk.digest, &compressed));
         }
     }
+
+    let server = Mirror::start()?;
+    server.serve_from(&dir.join("source"))?;
+    let (client, eventloop) = AsyncClient::new(
+        MqttOptions::new("chunk-subscription-test", "127.0.0.1", 1),
+        64,
+    );
+    let (inbound_tx, inbound_rx) = mpsc::channel(64);
+    let (done_tx, done_rx) = oneshot::channel();
+    let stand_in = tokio::spawn(answer_first_request(eventloop, inbound_tx, answer, done_rx));
     let (notes_tx, _notes_rx) = mpsc::channel(1024);
     let job = StageJob {
         release,
@@ -86,11 +90,46 @@ async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Reque
         inbound: inbound_rx,
         notes: notes_tx,
     };
-    let report = fetch::stage(job, link).await?;
+    let report = fetch::stage(job, link).await;
+    let _ = done_tx.send(());
+    let requests = stand_in.await?;
+    let report = report?;
     assert_tree_eq(&src, &dir.join("slot"));
-    // Hands back every request the stage queued, in order (nothing was ever sent).
-    eventloop.clean();
-    Ok((eventloop.pending.into_iter().collect(), report))
+    Ok((requests, report))
+}
+
+/// Reads back, in order, every request the stage queued on the never-connected client
+/// (nothing is ever sent), and on the first chunk request over MQTT delivers `answer` as
+/// if the coordinator had published it. Answering the request, rather than having the
+/// frames waiting, keeps the test about ordering, not timing: a node that finds frames
+/// already passing by follows them and asks for nothing.
+async fn answer_first_request(
+    mut eventloop: EventLoop,
+    inbound: mpsc::Sender<Inbound>,
+    mut answer: Vec<Vec<u8>>,
+    mut done: oneshot::Receiver<()>,
+) -> Vec<Request> {
+    let request_topic = request_topic();
+    let mut requests = Vec::new();
+    loop {
+        let finished = done.try_recv().is_ok();
+        eventloop.clean();
+        for request in eventloop.pending.drain(..) {
+            let asks = matches!(&request, Request::Publish(p) if p.topic == request_topic);
+            requests.push(request);
+            if asks {
+                for frame in answer.drain(..) {
+                    if inbound.send(Inbound::Frame(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        if finished {
+            return requests;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn subscriptions(requests: &[Request]) -> Vec<&'static str> {
