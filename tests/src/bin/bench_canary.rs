@@ -3,15 +3,15 @@
 //!
 //! ```text
 //! cargo run --release -p system-tests --bin bench-canary \
-//!     [-- --runs 1000 --seed 1 --anchor-secs 600]
+//!     [-- --runs 1000 --seed 1 --window-secs 1800 --anchor-secs 1800]
 //! ```
 //!
 //! Each run simulates an anchor window (`anchor_secs`, every node on the old version, just
 //! before the canary switches) and one judgment window (`window_secs`, after the warm-up)
 //! of a fleet of nodes, sample by sample as the agent reports them, and judges the canary
 //! nodes against the baseline nodes with the real `coordinator::canary::judge` and
-//! `CanaryConfig::default()` (`--anchor-secs` overrides its anchor window, for a
-//! sensitivity figure).
+//! `CanaryConfig::default()` (`--window-secs` and `--anchor-secs` override its judgment and
+//! anchor windows, for sensitivity figures).
 //!
 //! **The simulated fleet** (chosen before the judge's defaults were tuned, and not changed
 //! to suit them; see [`Fleet::REALISTIC`]):
@@ -182,7 +182,9 @@ const Z_99: f64 = 2.326_347_874_040_841;
 struct Args {
     runs: usize,
     seed: u64,
-    /// Overrides the default `anchor_secs` (judge and simulated anchor window alike).
+    /// Override the default `window_secs` and `anchor_secs` (judge and simulated windows
+    /// alike).
+    window_secs: Option<u64>,
     anchor_secs: Option<u64>,
 }
 
@@ -200,6 +202,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         runs: 1000,
         seed: 1,
+        window_secs: None,
         anchor_secs: None,
     };
     let mut it = std::env::args().skip(1);
@@ -208,11 +211,14 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--runs" => args.runs = value()?.parse().context("--runs: a count")?,
             "--seed" => args.seed = value()?.parse().context("--seed: a number")?,
+            "--window-secs" => {
+                args.window_secs = Some(value()?.parse().context("--window-secs: seconds")?)
+            }
             "--anchor-secs" => {
                 args.anchor_secs = Some(value()?.parse().context("--anchor-secs: seconds")?)
             }
             other => {
-                bail!("unknown argument {other:?} (expected --runs N, --seed N, --anchor-secs N)")
+                bail!("unknown argument {other:?} (expected --runs N, --seed N, --window-secs N, --anchor-secs N)")
             }
         }
     }
@@ -335,6 +341,9 @@ impl Tally {
 
 fn bench(args: &Args) -> Result<()> {
     let mut config = CanaryConfig::default();
+    if let Some(window_secs) = args.window_secs {
+        config.window_secs = window_secs;
+    }
     if let Some(anchor_secs) = args.anchor_secs {
         config.anchor_secs = anchor_secs;
     }
@@ -449,10 +458,12 @@ fn print_parameters(args: &Args, config: &CanaryConfig, fleet: &Fleet, windows: 
     );
     println!(
         "Judge: `CanaryConfig::default()`{}: confidence {}, pass ≥ {}, marginal ≥ {}, min {} samples, node_spread_factor {}, node_spread_prior_df {}.",
-        if args.anchor_secs.is_some() {
-            format!(" with anchor_secs = {}", config.anchor_secs)
-        } else {
-            String::new()
+        match (args.window_secs, args.anchor_secs) {
+            (None, None) => String::new(),
+            _ => format!(
+                " with window_secs = {}, anchor_secs = {}",
+                config.window_secs, config.anchor_secs
+            ),
         },
         config.confidence,
         config.pass_score,
