@@ -22,6 +22,9 @@ use system_tests::mirror::{Behaviour, Mirror};
 use system_tests::tree::{assert_tree_eq, write_tree};
 use tokio::sync::{mpsc, oneshot};
 
+/// Far beyond what staging ~1 MB takes; only a stage that waits for good reaches it.
+const STAGE_LIMIT: Duration = Duration::from_secs(60);
+
 fn release() -> ReleaseId {
     ReleaseId {
         app: AppName::new("web").expect("a valid app name"),
@@ -90,7 +93,13 @@ async fn stage(dir: &Path, mirror: Behaviour, frames: bool) -> Result<(Vec<Reque
         inbound: inbound_rx,
         notes: notes_tx,
     };
-    let report = fetch::stage(job, link).await;
+    // A stage that never asks over MQTT would wait for frames for good: fail instead.
+    let report = match tokio::time::timeout(STAGE_LIMIT, fetch::stage(job, link)).await {
+        Ok(staged) => staged.map_err(anyhow::Error::from),
+        Err(_) => Err(anyhow::anyhow!(
+            "the stage did not finish within {STAGE_LIMIT:?}: it never asked over MQTT?"
+        )),
+    };
     let _ = done_tx.send(());
     let requests = stand_in.await?;
     let report = report?;
