@@ -258,8 +258,9 @@ pub struct StatsView {
     pub digests_requested: u64,
     /// Digests queued to be published.
     pub digests_queued: u64,
-    /// Digests not queued by the fan-out dedup: already queued, or published on the shared
-    /// topic less than `ChunkRequest::FANOUT_WINDOW` ago (one frame served every asker).
+    /// Digests not queued by the fan-out dedup: already queued, published on the shared
+    /// topic less than `ChunkRequest::FANOUT_WINDOW` ago (one frame served every asker), or
+    /// published since the asker started receiving that topic (its frame is on the way).
     pub digests_deduped: u64,
     /// Digests the release does not list.
     pub digests_unknown: u64,

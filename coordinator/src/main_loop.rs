@@ -13,8 +13,10 @@
 //! - Memory is bounded: queued chunk requests, chunk reads in flight and frames waiting for
 //!   rumqttc each have a cap; past it a request is dropped (the agent asks again).
 //! - A chunk is queued at most once however many nodes ask for it: from the request that
-//!   queues it until its frame is handed to rumqttc it is pending, and for
-//!   `ChunkRequest::FANOUT_WINDOW` after that it counts as just sent ([`FanoutDedup`]).
+//!   queues it until its frame is handed to rumqttc it is pending, for
+//!   `ChunkRequest::FANOUT_WINDOW` after that it counts as just sent, and a node that was
+//!   receiving the shared topic when it went out is not sent it again ([`FanoutDedup`]).
+//!   Frames are numbered as they are handed to rumqttc, so the numbers follow publish order.
 //! - Chunk files are read and framed on the blocking pool, up to `MAX_READS` at a time and
 //!   while fewer than `MAX_FRAMES` frames are read or waiting, also while rumqttc is full,
 //!   so frames are ready the moment it makes room.
@@ -153,7 +155,11 @@ impl MainLoop {
             reading: HashMap::new(),
             frames: VecDeque::new(),
             stalled: false,
-            dedup: FanoutDedup::new(ChunkRequest::FANOUT_WINDOW),
+            dedup: FanoutDedup::new(
+                ChunkRequest::FANOUT_WINDOW,
+                ChunkRequest::SEQUENCE_MEMORY,
+                first_frame_seq(),
+            ),
             manifests: HashMap::new(),
             stats,
             ingest,
@@ -307,10 +313,11 @@ impl MainLoop {
         while let Some(PendingFrame {
             release,
             digest,
-            payload,
+            mut payload,
         }) = self.frames.pop_front()
         {
             let bytes = payload.len();
+            ChunkFrame::number(&mut payload, self.dedup.next_seq());
             let topic = self.topics.chunks(&release);
             match self
                 .client
@@ -523,8 +530,11 @@ impl MainLoop {
                 unknown += 1;
                 continue;
             };
-            match self.dedup.admit(&release, digest, now) {
-                Admission::Pending | Admission::RecentlySent => deduped += 1,
+            match self
+                .dedup
+                .admit(&release, digest, now, request.receiving_from)
+            {
+                Admission::Pending | Admission::OnTheWay | Admission::RecentlySent => deduped += 1,
                 Admission::Queue if self.wanted.len() >= MAX_WANTED => {
                     self.dedup.abandoned(&release, digest);
                     dropped += 1;
@@ -623,6 +633,15 @@ impl MainLoop {
         }
         self.dedup.abandoned(&release, digest);
     }
+}
+
+/// The first frame's sequence number: the time in microseconds, so a restarted coordinator
+/// numbers on from above its predecessor's frames (a claim about those it cannot check; a
+/// lower number would only make it send a chunk again).
+fn first_frame_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |since| since.as_micros() as u64)
 }
 
 /// One log line per node event, with its fields.

@@ -89,6 +89,7 @@ async fn a_release_reaches_a_node_as_a_signed_command_and_chunk_frames_and_survi
         protocol: PROTOCOL_VERSION,
         release: release.clone(),
         digests,
+        receiving_from: None,
     };
     node.client
         .publish(
@@ -334,18 +335,24 @@ async fn stats_count_frames_and_their_bytes_fanout_dedup_and_http_chunks_served(
                 protocol: PROTOCOL_VERSION,
                 release: release.clone(),
                 digests,
+                receiving_from: None,
             })?,
         )
         .await?;
     let mut frame_bytes = 0u64;
     let mut got = Vec::new();
+    let mut seqs = Vec::new();
     while got.len() < store.len() {
         let message = node.next_on(&chunk_topic).await?;
         frame_bytes += message.payload.len() as u64;
-        got.push(ChunkFrame::decode(&message.payload)?.digest);
+        let frame = ChunkFrame::decode(&message.payload)?;
+        got.push(frame.digest);
+        seqs.push(frame.seq);
     }
     got.sort();
     assert_eq!(got, store);
+    // Numbered in the order they went out, which is the order they arrive.
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     // Counted before the frames were handed to the broker, so already visible.
     let stats = running.get_json("/api/stats").await?;
     let n = store.len() as u64;
@@ -356,6 +363,51 @@ async fn stats_count_frames_and_their_bytes_fanout_dedup_and_http_chunks_served(
     assert_eq!(stats["digests_queued"], n, "{stats}");
     assert_eq!(stats["digests_deduped"], n, "{stats}");
     assert_eq!(stats["digests_unknown"], 1, "{stats}");
+
+    // Past the fan-out window, a node that says it has been receiving the topic since the
+    // first of those frames is not sent them again (they are on the way to it); one that
+    // started receiving after the last is.
+    tokio::time::sleep(ChunkRequest::FANOUT_WINDOW + Duration::from_millis(100)).await;
+    let ask_claiming = |receiving_from: u64| {
+        serde_json::to_vec(&ChunkRequest {
+            protocol: PROTOCOL_VERSION,
+            release: release.clone(),
+            digests: store.clone(),
+            receiving_from: Some(receiving_from),
+        })
+    };
+    let request_topic = topics.node(&n1, NodeTopic::ChunkRequests);
+    node.client
+        .publish(
+            &request_topic,
+            QoS::AtLeastOnce,
+            false,
+            ask_claiming(seqs[0])?,
+        )
+        .await?;
+    let stats = running
+        .wait_for_stats(|stats| stats["chunk_requests"] == 2)
+        .await?;
+    assert_eq!(stats["mqtt_frames_published"], n, "{stats}");
+    assert_eq!(stats["digests_deduped"], 2 * n, "{stats}");
+    node.client
+        .publish(
+            &request_topic,
+            QoS::AtLeastOnce,
+            false,
+            ask_claiming(seqs[seqs.len() - 1] + 1)?,
+        )
+        .await?;
+    let mut again = Vec::new();
+    while again.len() < store.len() {
+        let message = node.next_on(&chunk_topic).await?;
+        again.push(ChunkFrame::decode(&message.payload)?.digest);
+    }
+    again.sort();
+    assert_eq!(again, store);
+    let stats = running.get_json("/api/stats").await?;
+    assert_eq!(stats["mqtt_frames_published"], 2 * n, "{stats}");
+    assert_eq!(stats["digests_queued"], 2 * n, "{stats}");
 
     // HTTP: the exact file, typed and sized; HEAD is not counted as bytes sent.
     let http = reqwest::Client::new();
@@ -444,6 +496,7 @@ async fn stage(
                 protocol: PROTOCOL_VERSION,
                 release: release.clone(),
                 digests: digests.to_vec(),
+                receiving_from: None,
             };
             node.client
                 .publish(

@@ -207,6 +207,15 @@ pub struct ChunkRequest {
     pub protocol: u32,
     pub release: ReleaseId,
     pub digests: Vec<Digest>,
+    /// The sequence number of the first frame the agent received on the shared topic since
+    /// it subscribed: every frame numbered from there on reaches it (MQTT keeps one
+    /// publisher's order), so the coordinator need not send one again that it published
+    /// at or after this number, however long ago; the frame is still queued for the agent
+    /// in the broker. `None` when the agent has seen no frame yet, or has reason to think
+    /// one was lost (it reconnected, or asks again for chunks that never came). A wrong
+    /// claim costs one retry, never a chunk: the retry carries no claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiving_from: Option<u64>,
 }
 
 impl ChunkRequest {
@@ -219,11 +228,18 @@ impl ChunkRequest {
     /// window, so nodes asking at the same moment share one frame. It must stay shorter than
     /// [`ChunkRequest::RETRY_FIRST`], or an agent's retry would be swallowed.
     pub const FANOUT_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+    /// How long the coordinator remembers the sequence number a chunk was published under,
+    /// to answer requests that carry [`ChunkRequest::receiving_from`]. A frame queued in a
+    /// broker longer than this may be sent twice; nothing worse.
+    pub const SEQUENCE_MEMORY: std::time::Duration = std::time::Duration::from_secs(30);
 }
 
-/// One compressed chunk on the wire: a version byte, the 32-byte digest, the zstd frame.
+/// One compressed chunk on the wire: a version byte, the sequence number the coordinator
+/// published it under (big-endian u64, increasing in publish order), the 32-byte digest,
+/// the zstd frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkFrame<'a> {
+    pub seq: u64,
     pub digest: Digest,
     pub compressed: &'a [u8],
 }
@@ -232,22 +248,35 @@ pub struct ChunkFrame<'a> {
 pub enum ChunkFrameError {
     #[error("chunk frame too short ({0} bytes)")]
     Short(usize),
-    #[error("chunk frame version {0} is not 1")]
+    #[error("chunk frame version {0} is not {version}; coordinator and agent builds differ, upgrade the older one", version = ChunkFrame::VERSION)]
     Version(u8),
     #[error("chunk frame of {0} bytes is over the limit")]
     TooLarge(usize),
 }
 
 impl<'a> ChunkFrame<'a> {
-    const VERSION: u8 = 1;
-    const HEADER: usize = 1 + Digest::LEN;
+    const VERSION: u8 = 2;
+    const SEQ: std::ops::Range<usize> = 1..9;
+    const HEADER: usize = Self::SEQ.end + Digest::LEN;
 
+    /// A frame numbered 0; the publisher numbers it with [`ChunkFrame::number`] as it
+    /// goes out, since frames are read in parallel but published in order.
     pub fn encode(digest: &Digest, compressed: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::HEADER + compressed.len());
         out.push(Self::VERSION);
+        out.extend_from_slice(&0u64.to_be_bytes());
         out.extend_from_slice(digest.as_bytes());
         out.extend_from_slice(compressed);
         out
+    }
+
+    /// Sets the sequence number of an encoded frame.
+    ///
+    /// # Panics
+    /// If `frame` is shorter than a header: only frames from [`ChunkFrame::encode`] are
+    /// numbered.
+    pub fn number(frame: &mut [u8], seq: u64) {
+        frame[Self::SEQ].copy_from_slice(&seq.to_be_bytes());
     }
 
     pub fn decode(bytes: &'a [u8]) -> Result<ChunkFrame<'a>, ChunkFrameError> {
@@ -260,9 +289,12 @@ impl<'a> ChunkFrame<'a> {
         if bytes[0] != Self::VERSION {
             return Err(ChunkFrameError::Version(bytes[0]));
         }
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&bytes[Self::SEQ]);
         let mut digest = [0u8; 32];
-        digest.copy_from_slice(&bytes[1..Self::HEADER]);
+        digest.copy_from_slice(&bytes[Self::SEQ.end..Self::HEADER]);
         Ok(ChunkFrame {
+            seq: u64::from_be_bytes(seq),
             digest: Digest::from_bytes(digest),
             compressed: &bytes[Self::HEADER..],
         })
@@ -277,8 +309,11 @@ mod tests {
     #[test]
     fn chunk_frames_round_trip_and_refuse_garbage() {
         let d = Digest::of(b"abc");
-        let bytes = ChunkFrame::encode(&d, b"zstd-bytes");
+        let mut bytes = ChunkFrame::encode(&d, b"zstd-bytes");
+        assert_eq!(ChunkFrame::decode(&bytes).unwrap().seq, 0);
+        ChunkFrame::number(&mut bytes, 0x0102_0304_0506_0708);
         let frame = ChunkFrame::decode(&bytes).unwrap();
+        assert_eq!(frame.seq, 0x0102_0304_0506_0708);
         assert_eq!(frame.digest, d);
         assert_eq!(frame.compressed, b"zstd-bytes");
         assert!(ChunkFrame::decode(&bytes[..20]).is_err());
@@ -307,6 +342,7 @@ mod tests {
             protocol: 1,
             release,
             digests: vec![Digest::from_bytes([0xab; 32])],
+            receiving_from: None,
         };
         assert_eq!(
             serde_json::to_string(&request).unwrap(),
@@ -314,6 +350,16 @@ mod tests {
                 r#"{{"protocol":1,"release":{{"app":"web","version":"2"}},"digests":["{}"]}}"#,
                 "ab".repeat(32)
             )
+        );
+        let claiming = ChunkRequest {
+            receiving_from: Some(7),
+            ..request
+        };
+        let text = serde_json::to_string(&claiming).unwrap();
+        assert!(text.ends_with(r#","receiving_from":7}"#), "{text}");
+        assert_eq!(
+            serde_json::from_str::<ChunkRequest>(&text).unwrap(),
+            claiming
         );
     }
 }

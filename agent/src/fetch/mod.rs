@@ -7,7 +7,9 @@
 //! chunk-request topic and the coordinator answers on the release's shared chunk topic, where
 //! every node fetching that release over MQTT listens, so one frame serves all of them
 //! (frames other nodes asked for are taken too, if wanted, and while they keep coming the
-//! node asks for nothing itself: [`wanted::Follow`]). A node subscribes to that topic
+//! node asks for nothing itself: [`wanted::Follow`]). Each request says from which frame
+//! number on the node has been receiving the topic, so the coordinator does not send again
+//! a frame still queued for a slow node in the broker. A node subscribes to that topic
 //! only once it first needs MQTT: in a fleet-wide rollout most nodes fetch over HTTP, and a
 //! subscriber is sent every frame, which the broker buffers per connection. Bad bytes from
 //! any source are rejected, counted, and the chunk is fetched from the next source.
@@ -383,6 +385,9 @@ async fn fetch_missing(
     let mut requested_bytes: u64 = 0;
     let mut subscription = ChunkSubscription::new(link);
     let mut follow = Follow::default();
+    // The first frame number seen since subscribing (`ChunkRequest::receiving_from`);
+    // forgotten when a frame may have been lost, learnt again from the next one.
+    let mut receiving_from: Option<u64> = None;
 
     while !wanted.is_done() {
         // Ask for more while the window (and the rate limit, if any) allows.
@@ -417,6 +422,7 @@ async fn fetch_missing(
                     protocol: PROTOCOL_VERSION,
                     release: job.release.clone(),
                     digests: batch.iter().map(|c| c.digest).collect(),
+                    receiving_from,
                 };
                 let payload = serde_json::to_vec(&request).expect("requests always serialize");
                 // Offline or backed up: the retry timer asks again later.
@@ -495,6 +501,7 @@ async fn fetch_missing(
                         report.chunks_rejected += 1;
                         continue;
                     };
+                    receiving_from.get_or_insert(frame.seq);
                     // Not ours, already here, or already being verified.
                     let Some(chunk) = wanted.get(&frame.digest) else { continue };
                     if !wanted.asked_over_mqtt(&frame.digest) {
@@ -508,6 +515,7 @@ async fn fetch_missing(
                     });
                 }
                 Inbound::Reconnected => {
+                    receiving_from = None;
                     subscription.renew();
                     let before = wanted.in_flight_bytes();
                     let asked = wanted.retry_mqtt_older_than(Duration::ZERO, Instant::now());
@@ -531,6 +539,8 @@ async fn fetch_missing(
                     let before = wanted.in_flight_bytes();
                     let asked = wanted.retry_mqtt_older_than(retry_after, now);
                     if asked > 0 {
+                        // A frame it was sure to get never came: claim nothing in this retry.
+                        receiving_from = None;
                         requested_bytes = requested_bytes.saturating_sub(before - wanted.in_flight_bytes());
                         tracing::info!(outstanding = asked, after_s = retry_after.as_secs(), "chunks did not arrive; asking again");
                         retry_after = (retry_after * 2).min(RETRY_MAX);

@@ -104,6 +104,25 @@ impl Running {
         Ok(response.json().await?)
     }
 
+    /// `/api/stats` once `ready` holds for it (within `WAIT`).
+    pub async fn wait_for_stats(
+        &self,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.get_json("/api/stats").await?;
+            if ready(&stats) {
+                return Ok(stats);
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "stats never got there: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Posts a JSON body; the status and the JSON answer, whatever the status.
     pub async fn post_json(
         &self,
