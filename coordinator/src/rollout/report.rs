@@ -371,8 +371,10 @@ mod tests {
             first_switch: Some(1000),
         };
         let baseline_nodes = [node("b1"), node("b2")];
-        let config = CanaryConfig::default();
-        assert_eq!(config.anchor_secs, 600);
+        let config = CanaryConfig {
+            anchor_secs: 600,
+            ..CanaryConfig::default()
+        };
         let found = anchors(&store, &config, &groups, &baseline_nodes)
             .expect("query")
             .expect("anchoring on");

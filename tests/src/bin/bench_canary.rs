@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p system-tests --bin bench-canary \
-//!     [-- --runs 1000 --seed 1 --window-secs 600 --anchor-secs 600]
+//!     [-- --runs 1000 --seed 1 --window-secs 1800 --anchor-secs 1800]
 //! ```
 //!
 //! Each run simulates an anchor window (`anchor_secs`, every node on the old version, just
