@@ -31,7 +31,7 @@
 //!    `--root` is an absolute path to a directory of the bench's temp dir, so publishing
 //!    stays small), downloaded through the front door and, as the baseline, straight from
 //!    the active version's private port (found from its pid file and `/proc`), alternately,
-//!    5 timed rounds each after one untimed round.
+//!    11 timed rounds each after one untimed round.
 //! 4. **Rollback of a 200 MB release**: a fresh fleet installs two seeded ~200 MB
 //!    files-only releases (`bench_data`, `Shape::RELEASE` and its v2), then is rolled back
 //!    10 times: the agent's `switch_ms` and the wall time from starting the CLI to
@@ -41,6 +41,7 @@
 //!    (the agent makes its flip durable; the module leaves that to the page cache).
 //!
 //! Prints markdown tables on stdout, progress on stderr. Needs `tar` and `sync`.
+//! `-- --downloads-only` runs figure 3 alone (setup, then the downloads).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -94,7 +95,7 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 const BIG_FILE: &str = "big.bin";
 const BIG_FILE_BYTES: u64 = 1 << 30;
-const DOWNLOAD_ROUNDS: usize = 5;
+const DOWNLOAD_ROUNDS: usize = 11;
 const DOWNLOAD_BUFFER: usize = 256 * 1024;
 
 const FILES_APP: &str = "media";
@@ -120,6 +121,11 @@ fn bench() -> Result<()> {
             "warning: not a release build; run with `cargo run --release …` for real figures"
         );
     }
+    let downloads_only = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--downloads-only") => true,
+        Some(other) => bail!("unknown argument {other:?}; the only option is --downloads-only"),
+    };
     let sample_app = sample_app(&bins)?;
     let load_at_start = load_average();
 
@@ -142,6 +148,12 @@ fn bench() -> Result<()> {
             fleet.wait_all_on(APP, version, STEP_TIMEOUT)?;
         }
         wait_door_answers(&fleet, door, "2")?;
+        if downloads_only {
+            let downloads = bench_downloads(&agent, door)?;
+            print_machine(&load_at_start);
+            print_downloads(&downloads);
+            return Ok(());
+        }
 
         let flips = bench_flips(&fleet, &agent, door)?;
         let cli_floor = cli_floor(&fleet)?;
@@ -151,12 +163,7 @@ fn bench() -> Result<()> {
     };
     let files = bench_files_rollback(&bins)?;
 
-    println!(
-        "Machine: {} cores, shared; 1-minute load average {} at the start, {} at the end.\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        load_at_start,
-        load_average()
-    );
+    print_machine(&load_at_start);
     print_flips(&flips, cli_floor);
     print_loads(&loads);
     print_downloads(&downloads);
@@ -1104,6 +1111,15 @@ fn ms(d: Duration) -> String {
 
 fn ms_int(v: u64) -> String {
     format!("{v} ms")
+}
+
+fn print_machine(load_at_start: &str) {
+    println!(
+        "Machine: {} cores, shared; 1-minute load average {} at the start, {} at the end.\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_at_start,
+        load_average()
+    );
 }
 
 fn print_flips(flips: &[Flip], cli_floor: Duration) {

@@ -449,3 +449,18 @@ fn cpu_time() -> Duration {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     Duration::from_millis(ticks * 10)
 }
+
+#[tokio::test]
+async fn local_connections_get_a_congestion_control_that_does_not_pace() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    // Whatever the system's default, start from another one so the test shows the change.
+    rustix::net::sockopt::set_tcp_congestion(&client, "reno").unwrap();
+    unpace_if_local(&client);
+    assert_eq!(
+        rustix::net::sockopt::tcp_congestion(&client).unwrap(),
+        LOCAL_CONGESTION_CONTROL
+    );
+}
