@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod db;
 pub mod fanout;
+pub mod hot_chunks;
 pub mod keys;
 pub mod main_loop;
 pub mod metrics;

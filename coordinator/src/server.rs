@@ -48,6 +48,7 @@ use crate::api::{
     MAX_MISSING_QUERY,
 };
 use crate::db::{Db, DbError, Inserted, ReleaseInfo};
+use crate::hot_chunks::HotChunks;
 use crate::main_loop::ApiRequest;
 use crate::metrics::{self, MetricStore};
 use crate::release::{self, RollbackRefused};
@@ -78,6 +79,8 @@ pub struct AppState {
     pub rollouts: crate::rollout::Rollouts,
     /// Chunk reads for `GET /chunks/*` under way ([`CHUNK_READS`] permits).
     pub chunk_reads: tokio::sync::Semaphore,
+    /// The chunks `GET /chunks/*` served last ([`HOT_CHUNK_BYTES`]).
+    pub hot_chunks: HotChunks,
 }
 
 /// Chunks read for `GET /chunks/*` at once. Each read holds the whole compressed chunk in
@@ -85,6 +88,10 @@ pub struct AppState {
 /// once, the rest wait here rather than each holding a buffer of their own (loopback and
 /// LAN sockets take a chunk as fast as it is read, so a few dozen keep the disk busy).
 pub const CHUNK_READS: usize = 32;
+
+/// Memory for the chunks `GET /chunks/*` served last: a wave's new chunks (a 1 MB change
+/// to a release is ~15 chunks) many times over, and a 10 MB release whole.
+pub const HOT_CHUNK_BYTES: usize = 32 * 1024 * 1024;
 
 type Shared = Arc<AppState>;
 
@@ -339,26 +346,16 @@ async fn get_chunk(
             "not a chunk digest (64 lowercase hex digits)".to_owned(),
         ));
     };
-    let chunks = state.chunks.clone();
-    let _reading = state
-        .chunk_reads
-        .acquire()
-        .await
-        .map_err(|_| ApiError::internal("the chunk server is shutting down".to_owned()))?;
-    let bytes = match blocking(move || chunks.get(&digest)).await? {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => return Err(not_found(format!("no chunk {digest}"))),
-        Err(error) => {
-            return Err(ApiError::internal(format!(
-                "cannot read chunk {digest}: {error}"
-            )))
+    let bytes = match state.hot_chunks.get(&digest) {
+        Some(bytes) => bytes,
+        None => {
+            let bytes = read_chunk(&state, digest)
+                .await?
+                .ok_or_else(|| not_found(format!("no chunk {digest}")))?;
+            state.hot_chunks.insert(digest, bytes.clone());
+            bytes
         }
     };
-    if bytes.len() > format::MAX_COMPRESSED_CHUNK_SIZE {
-        return Err(ApiError::internal(format!(
-            "stored chunk {digest} is over the size limit; not serving it (the chunk store may be damaged)"
-        )));
-    }
     if method != Method::HEAD {
         state.stats.http_chunk_served(bytes.len());
     }
@@ -378,6 +375,31 @@ async fn get_chunk(
         bytes,
     )
         .into_response())
+}
+
+/// Reads a chunk from the store for `GET /chunks/*`, at most [`CHUNK_READS`] at once.
+async fn read_chunk(state: &AppState, digest: Digest) -> Result<Option<Bytes>, ApiError> {
+    let chunks = state.chunks.clone();
+    let _reading = state
+        .chunk_reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the chunk server is shutting down".to_owned()))?;
+    let bytes = match blocking(move || chunks.get(&digest)).await? {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(error) => {
+            return Err(ApiError::internal(format!(
+                "cannot read chunk {digest}: {error}"
+            )))
+        }
+    };
+    if bytes.len() > format::MAX_COMPRESSED_CHUNK_SIZE {
+        return Err(ApiError::internal(format!(
+            "stored chunk {digest} is over the size limit; not serving it (the chunk store may be damaged)"
+        )));
+    }
+    Ok(Some(Bytes::from(bytes)))
 }
 
 /// `POST /api/releases`: validate, check chunks, seal and store an immutable release with its

@@ -15,7 +15,7 @@
 //! pipe); when no pipe can be had (descriptors exhausted) it falls back to copying both
 //! ways, adding a [`DOWN_BUFFER`] buffer. Give the agent a generous `LimitNOFILE`.
 //! Connections with both ends on this host (to the app, and from a local client) use a
-//! congestion control that does not pace ([`unpace_if_local`]).
+//! congestion control that does not pace (`unpace_if_local`).
 //!
 //! HTTP keep-alive connections stick to the version they were opened to: a busy
 //! keep-alive client keeps an old version from draining, and when that version is stopped
