@@ -7,6 +7,8 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pin_malloc_mmap_threshold();
     let cli = coordinator::cli::Cli::parse();
     // rumqttd logs every connection at info and routine disconnects as errors; the failures
     // that matter (bind, readiness) are detected and reported by the coordinator itself.
@@ -35,5 +37,27 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc's default for the size from which `malloc` maps a block of its own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+
+/// Keeps glibc's mmap threshold where it starts, so large blocks (sled's 512 KiB log
+/// buffers, request and message bodies) are mapped on their own and returned whole.
+///
+/// Left alone, glibc raises the threshold to the size of every mapped block freed (up to
+/// 32 MiB). From then on those blocks come from its per-thread heaps, and the heaps stay
+/// fragmented and resident. At a 1,000-node rollout that was 251–267 MiB of resident memory
+/// against 182 MiB with the threshold pinned (`MALLOC_MMAP_THRESHOLD_=131072`, same bench).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn pin_malloc_mmap_threshold() {
+    // SAFETY: `mallopt` only sets an allocator parameter; it is called first thing in
+    // `main`, before any other thread exists. A refusal (it returns 0) leaves glibc's
+    // behaviour as it was, which is correct, only heavier.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
