@@ -50,13 +50,18 @@ impl HotChunks {
     /// The chunk's bytes if held; marks it recently served.
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {
         let mut lru = self.lock();
-        let tick = lru.next_tick();
-        let (bytes, used) = lru.entries.get_mut(digest)?;
-        let bytes = bytes.clone();
-        let previous = std::mem::replace(used, tick);
-        lru.by_use.remove(&previous);
-        lru.by_use.insert(tick, *digest);
-        Some(bytes)
+        let Lru {
+            entries,
+            by_use,
+            tick,
+            ..
+        } = &mut *lru;
+        let (bytes, used) = entries.get_mut(digest)?;
+        *tick += 1;
+        by_use.remove(used);
+        by_use.insert(*tick, *digest);
+        *used = *tick;
+        Some(bytes.clone())
     }
 
     /// Keeps `bytes` as the chunk `digest`, evicting the least recently served chunks to
@@ -81,13 +86,14 @@ impl HotChunks {
     }
 
     /// Bytes held now.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.lock().held
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
-        // The map stays consistent at every await-free step, so a panic elsewhere while
-        // holding the lock leaves nothing half-done to guard against.
+        // Nothing between the lock and its release can panic (map and counter updates
+        // only), so a poisoned lock still guards consistent maps.
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -44,8 +44,8 @@ fn main() -> ExitCode {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 
-/// Keeps glibc's mmap threshold where it starts, so large blocks (sled's 512 KiB log
-/// buffers, request and message bodies) are mapped on their own and returned whole.
+/// Keeps glibc's mmap threshold where it starts, so large blocks (chunk and message
+/// bodies, the database's log buffers) are mapped on their own and returned whole.
 ///
 /// Left alone, glibc raises the threshold to the size of every mapped block freed (up to
 /// 32 MiB). From then on those blocks come from its per-thread heaps, and the heaps stay
