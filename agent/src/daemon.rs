@@ -29,8 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const TICK: Duration = Duration::from_millis(100);
 /// How often the state is published again when nothing changed. A state report can be lost
 /// with nothing to tell: the client's queue was full when it changed, or a broker dropped
-/// it from a subscriber's queue (Mosquitto's `max_queued_messages`, rumqttd's bounded
-/// logs) while a thousand nodes reported at once. The coordinator waits on these reports
+/// it from a subscriber's queue (Mosquitto's `max_queued_messages`, the embedded broker's
+/// bounded queues) while a thousand nodes reported at once. The coordinator waits on these reports
 /// (a node staged, switched, failed), so a lost one must not stall a rollout for good.
 const STATE_REFRESH: Duration = Duration::from_secs(30);
 

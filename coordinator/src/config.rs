@@ -22,7 +22,7 @@ use crate::token::AdminToken;
 /// Which broker to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerSpec {
-    /// Run rumqttd in this process.
+    /// Run the embedded MQTT broker in this process.
     Embedded,
     /// Connect to a broker somewhere else.
     External { host: String, port: u16 },

@@ -16,7 +16,7 @@
 //! - [`metrics`]: agents' health samples: the checks every batch passes, the store (by time,
 //!   with retention), counters of what was refused, the ingester task, `/api/metrics*`.
 //! - [`main_loop`]: the one event loop over MQTT, HTTP requests and chunk reads;
-//!   [`mqtt`]: the rumqttc link task; [`broker`]: the embedded rumqttd; [`fanout`]: chunk dedup.
+//!   [`mqtt`]: the rumqttc link task; [`broker`]: the embedded MQTT broker; [`fanout`]: chunk dedup.
 //! - [`client`]: the client commands against a running coordinator.
 //!
 //! **Architecture invariant**: only [`main_loop`] publishes to MQTT, and it never awaits the

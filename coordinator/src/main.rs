@@ -10,11 +10,7 @@ fn main() -> ExitCode {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     pin_malloc_mmap_threshold();
     let cli = coordinator::cli::Cli::parse();
-    // rumqttd logs every connection at info and routine disconnects as errors; the failures
-    // that matter (bind, readiness) are detected and reported by the coordinator itself.
-    // `RUST_LOG=info,rumqttd=info` shows its lines.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)

@@ -5,8 +5,8 @@
 //! embedded broker started and accepting → MQTT link started → rollout driver loaded (its
 //! rollouts read and reconciled) → HTTP served → main loop and rollout driver.
 //! Shutdown (SIGTERM / Ctrl-C): main loop stops → rollout driver stops (between save points)
-//! → metric ingester stops (it flushes) → HTTP drains (bounded) → MQTT DISCONNECT → sled
-//! flushed. The embedded broker's threads end with the process.
+//! → metric ingester stops (it flushes) → HTTP drains (bounded) → MQTT DISCONNECT → embedded
+//! broker stopped → sled flushed.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,13 +51,15 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
             )
         })?;
 
+    // Held to the end of `serve`: dropping the embedded broker stops it.
+    let mut embedded = None;
     let (host, port) = match &config.broker {
         BrokerSpec::Embedded => {
-            let embedded = broker::start(config.mqtt_listen).await?;
+            let broker = embedded.insert(broker::start(config.mqtt_listen).await?);
             tracing::info!(listen = %config.mqtt_listen, "embedded MQTT broker accepting connections");
             (
-                embedded.connect_addr.ip().to_string(),
-                embedded.connect_addr.port(),
+                broker.connect_addr.ip().to_string(),
+                broker.connect_addr.port(),
             )
         }
         BrokerSpec::External { host, port } => (host.clone(), *port),
@@ -137,6 +139,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         }
     }
     link.close().await;
+    drop(embedded);
     config
         .db
         .flush()
