@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut as _, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use protocol::format::MAX_MQTT_PACKET;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck, QoS};
@@ -25,9 +25,17 @@ use super::router::{valid_publish_topic, ConnectionId, Outgoing, Router, Work};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read buffer's starting size; it grows to the largest packet the client sends.
 const READ_BUFFER: usize = 4 * 1024;
+/// An empty read buffer larger than this is given back rather than kept for the life of
+/// the connection (one manifest-sized command would otherwise cost that much per client).
+const READ_BUFFER_KEPT: usize = 64 * 1024;
+/// Payloads up to this size are copied out of the read buffer before they are queued. A
+/// queued slice keeps its whole read buffer alive, and a thousand nodes' small reports
+/// queued for the coordinator would each pin a buffer; larger payloads (chunk frames,
+/// commands) are shared, not copied.
+const COPY_PAYLOADS_UP_TO: usize = 16 * 1024;
 /// Small packets are gathered up to this size before a write; larger payloads go straight
 /// to the socket.
-const WRITE_BUFFER: usize = 16 * 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
 /// Most packets taken from the router per lock.
 const WRITE_BATCH: usize = 64;
 
@@ -176,6 +184,9 @@ async fn read_loop(
             Ok(packet) => packet,
             Err(error) => return End::Lost(error.to_string()),
         };
+        if buffer.is_empty() && buffer.capacity() > READ_BUFFER_KEPT {
+            buffer = BytesMut::with_capacity(READ_BUFFER);
+        }
         let mut router = lock(router);
         match packet {
             Packet::Publish(publish) => {
@@ -185,7 +196,12 @@ async fn read_loop(
                 if publish.qos == QoS::ExactlyOnce {
                     return End::Lost("QoS 2 is not supported by the embedded broker".to_owned());
                 }
-                router.publish(&publish.topic, publish.payload, publish.qos, publish.retain);
+                let payload = if publish.payload.len() <= COPY_PAYLOADS_UP_TO {
+                    Bytes::copy_from_slice(&publish.payload)
+                } else {
+                    publish.payload
+                };
+                router.publish(&publish.topic, payload, publish.qos, publish.retain);
                 if publish.qos == QoS::AtLeastOnce {
                     router.reply(id, Packet::PubAck(PubAck::new(publish.pkid)));
                 }
@@ -320,7 +336,6 @@ fn packet_name(packet: &Packet) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use rumqttc::Publish;
 
     #[test]
