@@ -27,6 +27,12 @@ pub const MAX_QUEUED_MESSAGES: usize = 10_000;
 /// that queue them, so this bounds how far a slow subscriber can hold the fleet's traffic,
 /// not a copy per session.
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// Most messages and payload bytes kept for a persistent session while its client is away
+/// (Mosquitto keeps 1,000 by default). A node gone for good must not collect every command
+/// sent to it; the one that matters, its newest, is retained and sent again anyway when it
+/// subscribes.
+pub const MAX_QUEUED_WHILE_AWAY: usize = 1_000;
+pub const MAX_QUEUED_BYTES_WHILE_AWAY: usize = 4 * 1024 * 1024;
 /// Most QoS 1 messages sent to a client and not yet acknowledged.
 pub const MAX_INFLIGHT: usize = 64;
 
@@ -114,9 +120,11 @@ impl Session {
         if self.owner.is_none() && message.qos == QoS::AtMostOnce {
             return;
         }
-        if self.held() >= MAX_QUEUED_MESSAGES
-            || self.queued_bytes + message.payload.len() > MAX_QUEUED_BYTES
-        {
+        let (most, most_bytes) = match self.owner {
+            Some(_) => (MAX_QUEUED_MESSAGES, MAX_QUEUED_BYTES),
+            None => (MAX_QUEUED_WHILE_AWAY, MAX_QUEUED_BYTES_WHILE_AWAY),
+        };
+        if self.held() >= most || self.queued_bytes + message.payload.len() > most_bytes {
             self.dropped += 1;
             return;
         }

@@ -264,3 +264,27 @@ fn unsubscribing_stops_delivery() {
     assert!(delivered(&mut router, &id).is_empty());
     assert!(router.wildcard.is_empty());
 }
+
+#[test]
+fn a_session_whose_client_is_away_keeps_only_a_bounded_backlog() {
+    let mut router = Router::default();
+    let id = subscribed(&mut router, "gone", false, "inbox", QoS::AtLeastOnce);
+    router.disconnect(&id);
+    for _ in 0..MAX_QUEUED_WHILE_AWAY + 10 {
+        router.publish("inbox", Bytes::from_static(b"cmd"), QoS::AtLeastOnce, false);
+    }
+    assert_eq!(router.dropped("gone"), 10);
+    let back = router.connect("gone", false).id;
+    let mut total = 0;
+    loop {
+        let sent = delivered(&mut router, &back);
+        if sent.is_empty() {
+            break;
+        }
+        total += sent.len();
+        for (.., pkid) in sent {
+            router.acknowledge(&back, pkid);
+        }
+    }
+    assert_eq!(total, MAX_QUEUED_WHILE_AWAY);
+}
