@@ -66,10 +66,10 @@ const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Hands glibc's free heap pages back to the kernel every [`TRIM_EVERY`].
 ///
-/// glibc only gives back the top of a heap by itself. A wave's thousands of short-lived
-/// buffers (HTTP connections, messages queued for a thousand sessions) are freed in the
-/// middle of the heaps, among blocks still alive, and stay resident until the next wave
-/// reuses them, or for good. `malloc_trim` releases every whole free page in every arena.
+/// glibc gives back by itself only the free top of a heap; memory freed below blocks
+/// still alive stays resident. `malloc_trim` releases every whole free page in every
+/// arena. Seen at a 1,000-node rollout (README, "Fleet scale"): 250–258 MiB without,
+/// 220–240 MiB with, on the embedded broker; the cause of the rest was not traced.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn start_malloc_trim() {
