@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{BufMut as _, BytesMut};
 use protocol::format::MAX_MQTT_PACKET;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck, QoS};
@@ -28,11 +28,6 @@ const READ_BUFFER: usize = 4 * 1024;
 /// An empty read buffer larger than this is given back rather than kept for the life of
 /// the connection (one manifest-sized command would otherwise cost that much per client).
 const READ_BUFFER_KEPT: usize = 64 * 1024;
-/// Payloads up to this size are copied out of the read buffer before they are queued. A
-/// queued slice keeps its whole read buffer alive, and a thousand nodes' small reports
-/// queued for the coordinator would each pin a buffer; larger payloads (chunk frames,
-/// commands) are shared, not copied.
-const COPY_PAYLOADS_UP_TO: usize = 16 * 1024;
 /// Small packets are gathered up to this size before a write; larger payloads go straight
 /// to the socket.
 const WRITE_BUFFER: usize = 4 * 1024;
@@ -196,12 +191,7 @@ async fn read_loop(
                 if publish.qos == QoS::ExactlyOnce {
                     return End::Lost("QoS 2 is not supported by the embedded broker".to_owned());
                 }
-                let payload = if publish.payload.len() <= COPY_PAYLOADS_UP_TO {
-                    Bytes::copy_from_slice(&publish.payload)
-                } else {
-                    publish.payload
-                };
-                router.publish(&publish.topic, payload, publish.qos, publish.retain);
+                router.publish(&publish.topic, publish.payload, publish.qos, publish.retain);
                 if publish.qos == QoS::AtLeastOnce {
                     router.reply(id, Packet::PubAck(PubAck::new(publish.pkid)));
                 }
@@ -336,6 +326,7 @@ fn packet_name(packet: &Packet) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use rumqttc::Publish;
 
     #[test]

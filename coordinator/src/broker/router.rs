@@ -4,7 +4,8 @@
 //!
 //! Invariants:
 //! - A message's payload is stored once (`Bytes`), however many queues hold it; a retained
-//!   payload is a copy of its own, so it never keeps a connection's read buffer alive.
+//!   or small payload is a copy of its own, so it never keeps a connection's read buffer
+//!   alive.
 //! - Every queue is bounded in messages and in payload bytes; a message that does not fit
 //!   is dropped for that session only (as Mosquitto's `max_queued_messages` does), and
 //!   packets the broker owes the client (acks, ping replies) always fit.
@@ -33,6 +34,11 @@ pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// subscribes.
 pub const MAX_QUEUED_WHILE_AWAY: usize = 1_000;
 pub const MAX_QUEUED_BYTES_WHILE_AWAY: usize = 4 * 1024 * 1024;
+/// Payloads up to this size, and every retained one, are copied out of the buffer they
+/// were read into before they are kept. A kept slice keeps its whole read buffer alive,
+/// and a thousand nodes' small reports queued for the coordinator would each pin one;
+/// larger live payloads (chunk frames, commands) are shared, not copied.
+const COPY_PAYLOADS_UP_TO: usize = 16 * 1024;
 /// Most QoS 1 messages sent to a client and not yet acknowledged.
 pub const MAX_INFLIGHT: usize = 64;
 
@@ -218,7 +224,7 @@ impl Router {
         }
         session.owner = None;
         if session.clean {
-            self.remove_session(&id.client.clone());
+            self.remove_session(&id.client);
         } else {
             session.replies.clear();
             session.resend.clear();
@@ -243,12 +249,17 @@ impl Router {
         }
     }
 
-    fn forget_subscriber(&mut self, filter: &str, client: &str) {
-        let table = if filter_has_wildcards(filter) {
+    /// The subscriber table `filter` belongs in.
+    fn table_for(&mut self, filter: &str) -> &mut HashMap<String, HashMap<Arc<str>, QoS>> {
+        if filter_has_wildcards(filter) {
             &mut self.wildcard
         } else {
             &mut self.exact
-        };
+        }
+    }
+
+    fn forget_subscriber(&mut self, filter: &str, client: &str) {
+        let table = self.table_for(filter);
         if let Some(subscribers) = table.get_mut(filter) {
             subscribers.remove(client);
             if subscribers.is_empty() {
@@ -288,12 +299,7 @@ impl Router {
                 QoS::AtLeastOnce | QoS::ExactlyOnce => QoS::AtLeastOnce,
             };
             codes.push(SubscribeReasonCode::Success(qos));
-            let table = if filter_has_wildcards(filter) {
-                &mut self.wildcard
-            } else {
-                &mut self.exact
-            };
-            table
+            self.table_for(filter)
                 .entry(filter.clone())
                 .or_default()
                 .insert(id.client.clone(), qos);
@@ -302,26 +308,35 @@ impl Router {
             }
             granted.push((filter.as_str(), qos));
         }
-        let retained: Vec<Message> = self
-            .retained
-            .values()
-            .filter_map(|message| {
-                let qos = granted
-                    .iter()
-                    .filter(|(filter, _)| matches(&message.topic, filter))
-                    .map(|(_, qos)| *qos)
-                    .max_by_key(|qos| *qos as u8)?;
-                Some(Message {
-                    qos: lower(message.qos, qos),
-                    ..message.clone()
-                })
-            })
-            .collect();
+        // Most filters are exact (every agent's inbox, at each reconnect): one lookup each.
+        // Only a wildcard filter scans the store.
+        let mut retained: HashMap<Arc<str>, Message> = HashMap::new();
+        for (filter, granted) in granted {
+            let matching: Box<dyn Iterator<Item = &Message>> = if filter_has_wildcards(filter) {
+                Box::new(
+                    self.retained
+                        .values()
+                        .filter(|message| matches(&message.topic, filter)),
+                )
+            } else {
+                Box::new(self.retained.get(filter).into_iter())
+            };
+            for message in matching {
+                let qos = lower(message.qos, granted);
+                retained
+                    .entry(message.topic.clone())
+                    .and_modify(|m| m.qos = higher(m.qos, qos))
+                    .or_insert_with(|| Message {
+                        qos,
+                        ..message.clone()
+                    });
+            }
+        }
         let Some(session) = self.owned(id) else {
             return;
         };
         session.reply(Packet::SubAck(rumqttc::SubAck::new(pkid, codes)));
-        for message in retained {
+        for message in retained.into_values() {
             session.offer(message);
         }
     }
@@ -345,6 +360,11 @@ impl Router {
     /// the caller ([`valid_publish_topic`]).
     pub fn publish(&mut self, topic: &str, payload: Bytes, qos: QoS, retain: bool) {
         let topic: Arc<str> = Arc::from(topic);
+        let payload = if retain || payload.len() <= COPY_PAYLOADS_UP_TO {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
         if retain {
             if payload.is_empty() {
                 self.retained.remove(&topic);
@@ -353,7 +373,7 @@ impl Router {
                     topic.clone(),
                     Message {
                         topic: topic.clone(),
-                        payload: Bytes::copy_from_slice(&payload),
+                        payload: payload.clone(),
                         qos,
                         retain: true,
                     },

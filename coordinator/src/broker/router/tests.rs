@@ -288,3 +288,38 @@ fn a_session_whose_client_is_away_keeps_only_a_bounded_backlog() {
     }
     assert_eq!(total, MAX_QUEUED_WHILE_AWAY);
 }
+
+#[test]
+fn an_exact_filter_gets_its_topic_s_retained_message_and_no_other() {
+    let mut router = Router::default();
+    router.publish(
+        "fleet/a/cmd",
+        Bytes::from_static(b"a"),
+        QoS::AtLeastOnce,
+        true,
+    );
+    router.publish(
+        "fleet/b/cmd",
+        Bytes::from_static(b"b"),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let id = router.connect("a", true).id;
+    router.subscribe(
+        &id,
+        1,
+        &[
+            ("fleet/a/cmd".to_owned(), QoS::AtMostOnce),
+            ("fleet/+/cmd".to_owned(), QoS::AtLeastOnce),
+        ],
+    );
+    let mut got = delivered(&mut router, &id);
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    // One copy per topic although two filters match fleet/a/cmd, at the higher grant.
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].0.as_str(), got[0].2),
+        ("fleet/a/cmd", QoS::AtLeastOnce)
+    );
+    assert_eq!(got[1].0, "fleet/b/cmd");
+}
