@@ -55,8 +55,8 @@ const ARENA_MAX: libc::c_int = 2;
 ///   rollout that was 251–267 MiB of resident memory against 182 MiB pinned.
 /// - At most [`ARENA_MAX`] heaps: connections are served by whichever runtime or blocking
 ///   thread is free, and each thread's own heap kept its share of their freed buffers.
-///   Same bench, embedded broker: 220–240 MiB with glibc's default, 209 MiB with two
-///   (`MALLOC_ARENA_MAX=2`), before the database's smaller page cache.
+///   Same bench, embedded broker: 220–240 MiB with glibc's default, 209 MiB with two in one
+///   run (`MALLOC_ARENA_MAX=2`), before the database's smaller page cache.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {
