@@ -53,9 +53,9 @@ const ARENA_MAX: libc::c_int = 2;
 ///   glibc raises it to the size of every mapped block freed (up to 32 MiB); from then on
 ///   those blocks come from its heaps, which stay fragmented and resident. At a 1,000-node
 ///   rollout that was 251–267 MiB of resident memory against 182 MiB pinned.
-/// - At most [`ARENA_MAX`] heaps: connections are served by whichever runtime or blocking
-///   thread is free, and each thread's own heap kept its share of their freed buffers.
-///   Same bench, embedded broker: 220–240 MiB with glibc's default, 209 MiB with two in one
+/// - At most [`ARENA_MAX`] heaps. Connections are served by whichever runtime or blocking
+///   thread is free, so their buffers come from many heaps; which heap held what was not
+///   traced, only the total was measured. Same bench, embedded broker: 220–240 MiB with glibc's default, 209 MiB with two in one
 ///   run (`MALLOC_ARENA_MAX=2`), before the database's smaller page cache.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
