@@ -22,6 +22,11 @@ fn delivered(router: &mut Router, id: &ConnectionId) -> Vec<(String, Vec<u8>, Qo
     }
 }
 
+/// Publishes a retained QoS 1 message.
+fn retain(router: &mut Router, topic: &str, payload: &'static [u8]) {
+    router.publish(topic, Bytes::from_static(payload), QoS::AtLeastOnce, true);
+}
+
 fn subscribed(
     router: &mut Router,
     client: &str,
@@ -77,18 +82,8 @@ fn a_message_reaches_exact_and_wildcard_subscribers_once_each_at_the_lower_qos()
 #[test]
 fn a_retained_message_is_sent_to_later_subscribers_marked_retained_and_an_empty_one_deletes_it() {
     let mut router = Router::default();
-    router.publish(
-        "fleet/n/state",
-        Bytes::from_static(b"v1"),
-        QoS::AtLeastOnce,
-        true,
-    );
-    router.publish(
-        "fleet/n/state",
-        Bytes::from_static(b"v2"),
-        QoS::AtLeastOnce,
-        true,
-    );
+    retain(&mut router, "fleet/n/state", b"v1");
+    retain(&mut router, "fleet/n/state", b"v2");
     let late = subscribed(&mut router, "late", true, "fleet/+/state", QoS::AtMostOnce);
     let got = delivered(&mut router, &late);
     assert_eq!(got.len(), 1);
@@ -292,18 +287,22 @@ fn a_session_whose_client_is_away_keeps_only_a_bounded_backlog() {
 #[test]
 fn an_exact_filter_gets_its_topic_s_retained_message_and_no_other() {
     let mut router = Router::default();
-    router.publish(
-        "fleet/a/cmd",
-        Bytes::from_static(b"a"),
-        QoS::AtLeastOnce,
-        true,
+    retain(&mut router, "fleet/a/cmd", b"a");
+    retain(&mut router, "fleet/b/cmd", b"b");
+    let alone = subscribed(&mut router, "alone", true, "fleet/a/cmd", QoS::AtMostOnce);
+    let got = delivered(&mut router, &alone);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_slice(), got[0].2, got[0].3),
+        ("fleet/a/cmd", &b"a"[..], QoS::AtMostOnce, true)
     );
-    router.publish(
-        "fleet/b/cmd",
-        Bytes::from_static(b"b"),
-        QoS::AtLeastOnce,
-        true,
-    );
+}
+
+#[test]
+fn overlapping_exact_and_wildcard_filters_get_one_retained_copy_at_the_higher_grant() {
+    let mut router = Router::default();
+    retain(&mut router, "fleet/a/cmd", b"a");
+    retain(&mut router, "fleet/b/cmd", b"b");
     let id = router.connect("a", true).id;
     router.subscribe(
         &id,
