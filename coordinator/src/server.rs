@@ -20,6 +20,7 @@
 //!   (`access::Audit`). Token create/revoke: token tree and entry written → flush → respond.
 
 mod access;
+pub mod connections;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -15,10 +15,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most one chunk may take, headers to last byte.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection to a chunk source stays open unused. A stage reuses its
-/// connections back to back; kept for reqwest's default 90 s, every node that just staged
-/// would hold its connections open at the coordinator, which pays for each (a thousand
-/// nodes: about 35 KB each, over 100 MB in all).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// connections back to back, and each open one costs the coordinator its buffers. Kept
+/// for 5 s, the connections of a wave that had just staged were still open when the next
+/// wave opened its own: 1,000 nodes held over 4,000 at once. Shorter than the
+/// coordinator's idle timeout (`coordinator::server::connections`), so the agent closes
+/// first and never reuses a connection the server is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
