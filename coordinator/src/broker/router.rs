@@ -22,6 +22,10 @@ use rumqttc::mqttbytes::{matches, valid_filter, valid_topic};
 use rumqttc::{Packet, QoS, SubscribeReasonCode};
 use tokio::sync::Notify;
 
+use retained::Retained;
+
+mod retained;
+
 /// Most messages queued for one session (sent or not, acked or not).
 pub const MAX_QUEUED_MESSAGES: usize = 10_000;
 /// Most payload bytes queued for one session. Payloads are shared between the sessions
@@ -170,7 +174,7 @@ pub struct Router {
     exact: HashMap<String, HashMap<Arc<str>, QoS>>,
     /// Filters with wildcards (the coordinator's few), matched one by one.
     wildcard: HashMap<String, HashMap<Arc<str>, QoS>>,
-    retained: HashMap<Arc<str>, Message>,
+    retained: HashMap<Arc<str>, Retained>,
     next_serial: u64,
 }
 
@@ -310,33 +314,34 @@ impl Router {
         }
         // Most filters are exact (every agent's inbox, at each reconnect): one lookup each.
         // Only a wildcard filter scans the store.
-        let mut retained: HashMap<Arc<str>, Message> = HashMap::new();
+        let mut retained: HashMap<Arc<str>, (&Retained, QoS)> = HashMap::new();
         for (filter, granted) in granted {
-            let matching: Box<dyn Iterator<Item = &Message>> = if filter_has_wildcards(filter) {
+            let matching: Box<dyn Iterator<Item = &Retained>> = if filter_has_wildcards(filter) {
                 Box::new(
                     self.retained
                         .values()
-                        .filter(|message| matches(&message.topic, filter)),
+                        .filter(|message| matches(message.topic(), filter)),
                 )
             } else {
                 Box::new(self.retained.get(filter).into_iter())
             };
             for message in matching {
-                let qos = lower(message.qos, granted);
+                let qos = lower(message.qos(), granted);
                 retained
-                    .entry(message.topic.clone())
-                    .and_modify(|m| m.qos = higher(m.qos, qos))
-                    .or_insert_with(|| Message {
-                        qos,
-                        ..message.clone()
-                    });
+                    .entry(message.topic().clone())
+                    .and_modify(|(_, q)| *q = higher(*q, qos))
+                    .or_insert((message, qos));
             }
         }
+        let retained: Vec<Message> = retained
+            .into_values()
+            .map(|(message, qos)| message.message(qos))
+            .collect();
         let Some(session) = self.owned(id) else {
             return;
         };
         session.reply(Packet::SubAck(rumqttc::SubAck::new(pkid, codes)));
-        for message in retained.into_values() {
+        for message in retained {
             session.offer(message);
         }
     }
@@ -371,12 +376,7 @@ impl Router {
             } else {
                 self.retained.insert(
                     topic.clone(),
-                    Message {
-                        topic: topic.clone(),
-                        payload: payload.clone(),
-                        qos,
-                        retain: true,
-                    },
+                    Retained::new(topic.clone(), payload.clone(), qos),
                 );
             }
         }

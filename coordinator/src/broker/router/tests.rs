@@ -102,12 +102,50 @@ fn a_retained_payload_is_a_copy_of_its_own() {
     let mut router = Router::default();
     let read_buffer = Bytes::from(vec![1u8; 4096]);
     router.publish("t", read_buffer.slice(0..2), QoS::AtMostOnce, true);
-    let stored = &router.retained.values().next().expect("retained").payload;
+    let stored = &router
+        .retained
+        .values()
+        .next()
+        .expect("retained")
+        .message(QoS::AtMostOnce)
+        .payload;
     assert_eq!(stored.as_ref(), &[1, 1]);
     assert!(
         !std::ptr::eq(stored.as_ptr(), read_buffer.as_ptr()),
         "the store would keep the whole read buffer alive"
     );
+}
+
+#[test]
+fn a_large_retained_payload_kept_compressed_reaches_a_late_subscriber_whole() {
+    let mut router = Router::default();
+    // Like a command: a manifest of hex digests, base64-encoded.
+    let payload: Vec<u8> = (0..2_000u32)
+        .flat_map(|i| {
+            format!("{{\"digest\":\"{:064x}\"}},", u64::from(i) * 0x9e37_79b9).into_bytes()
+        })
+        .collect();
+    router.publish(
+        "fleet/nodes/n/in/command",
+        Bytes::from(payload.clone()),
+        QoS::AtLeastOnce,
+        true,
+    );
+    assert!(
+        router.retained.values().next().expect("retained").held() < payload.len() / 2,
+        "kept compressed"
+    );
+    let late = subscribed(
+        &mut router,
+        "n",
+        true,
+        "fleet/nodes/n/in/command",
+        QoS::AtLeastOnce,
+    );
+    let got = delivered(&mut router, &late);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, payload);
+    assert_eq!((got[0].2, got[0].3), (QoS::AtLeastOnce, true));
 }
 
 #[test]
