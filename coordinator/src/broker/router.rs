@@ -5,7 +5,8 @@
 //! Invariants:
 //! - A message's payload is stored once (`Bytes`), however many queues hold it; a retained
 //!   or small payload is a copy of its own, so it never keeps a connection's read buffer
-//!   alive.
+//!   alive. The retained store keeps a compressed copy of its own of a large payload when
+//!   that saves memory (`retained.rs`); then only queues hold it as published, until sent.
 //! - Every queue is bounded in messages and in payload bytes; a message that does not fit
 //!   is dropped for that session only (as Mosquitto's `max_queued_messages` does), and
 //!   packets the broker owes the client (acks, ping replies) always fit.
