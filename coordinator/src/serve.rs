@@ -81,7 +81,7 @@ pub async fn serve(config: ServeConfig, shutdown: impl Future<Output = ()>) -> a
         metrics: metrics.clone(),
         rollouts: rollouts.clone(),
         chunk_reads: tokio::sync::Semaphore::new(server::CHUNK_READS),
-        hot_chunks: HotChunks::new(server::HOT_CHUNK_BYTES),
+        hot_chunks: HotChunks::new(server::HOT_CHUNK_BYTES, server::HOT_CHUNK_IDLE),
     });
     let driver = Driver::new(state.clone(), rollout_inbox)
         .context("cannot load the rollouts in progress")?;

@@ -93,6 +93,9 @@ pub const CHUNK_READS: usize = 32;
 /// Memory for the chunks `GET /chunks/*` served last: a wave's new chunks (a 1 MB change
 /// to a release is ~15 chunks) many times over, and a 10 MB release whole.
 pub const HOT_CHUNK_BYTES: usize = 32 * 1024 * 1024;
+/// How long a chunk nobody asks for stays in [`HOT_CHUNK_BYTES`]. A wave's nodes ask for
+/// its chunks within seconds of each other; a chunk asked for again later costs one read.
+pub const HOT_CHUNK_IDLE: std::time::Duration = std::time::Duration::from_secs(20);
 
 type Shared = Arc<AppState>;
 
