@@ -24,9 +24,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// Most HTTP connections served at once. Twice a 1,000-node wave's worth at the agents'
-/// four parallel fetches each, so the bound only shapes a larger burst or a misbehaving
-/// client, and caps what connections can cost (~70 MB at ~16 KB each).
+/// Most HTTP connections served at once: a 1,000-node wave's worth at the agents' four
+/// parallel fetches each, so the bound only shapes a larger burst or a misbehaving client,
+/// and caps what idle connections can cost (~65 MB at ~16 KB each).
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// How long a connection may wait for its next request. Longer than the agents' own idle
@@ -35,7 +35,7 @@ pub const MAX_CONNECTIONS: usize = 4096;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long to wait before accepting again after `accept` failed (out of file descriptors,
-/// usually): failing again at once would spin.
+/// for one): trying again at once would spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Serves `router` on `listener` until `shutdown` completes and the requests in flight are
