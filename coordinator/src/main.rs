@@ -55,8 +55,9 @@ const ARENA_MAX: libc::c_int = 2;
 ///   rollout that was 251–267 MiB of resident memory against 182 MiB pinned.
 /// - At most [`ARENA_MAX`] heaps. Connections are served by whichever runtime or blocking
 ///   thread is free, so their buffers come from many heaps; which heap held what was not
-///   traced, only the total was measured. Same bench, embedded broker: 220–240 MiB with glibc's default, 209 MiB with two in one
-///   run (`MALLOC_ARENA_MAX=2`), before the database's smaller page cache.
+///   traced, only the total was measured. Same bench, embedded broker: 220–240 MiB with
+///   glibc's default, 209 MiB with two in one run (`MALLOC_ARENA_MAX=2`), before the
+///   database's smaller page cache.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {

@@ -69,7 +69,8 @@ async fn serve_bounded(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, retry_ms = ACCEPT_RETRY.as_millis(), "cannot accept an HTTP connection");
+                    let retry_ms = ACCEPT_RETRY.as_millis();
+                    tracing::warn!(%error, retry_ms, "cannot accept an HTTP connection");
                     tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }

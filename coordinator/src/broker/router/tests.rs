@@ -119,7 +119,7 @@ fn a_retained_payload_is_a_copy_of_its_own() {
 #[test]
 fn a_large_retained_payload_kept_compressed_reaches_a_late_subscriber_whole() {
     let mut router = Router::default();
-    // Like a command: a manifest of hex digests, base64-encoded.
+    // Like the manifest a command embeds: JSON of hex digests, which compresses well.
     let payload: Vec<u8> = (0..2_000u32)
         .flat_map(|i| {
             format!("{{\"digest\":\"{:064x}\"}},", u64::from(i) * 0x9e37_79b9).into_bytes()
